@@ -1,0 +1,196 @@
+"""Model files and training state: safetensors + JSON metadata, written atomically, never unpickled.
+
+A model file holds the weights, the resolved config, the tokenizer model(s) and training info, so a
+user can copy one file and translate with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from seqtool.config import Config, validate
+from seqtool.errors import ConfigError, ModelFileError, SeqtoolError
+from seqtool.model.seq2seq import Seq2Seq, build_model
+from seqtool.tokenizer import Tokenizer
+
+MODEL_FORMAT = "seqtool-model"
+STATE_FORMAT = "seqtool-train-state"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"  # best model, in a model dir
+STATE_FILE = "train_state.safetensors"  # last model + optimizer, schedule, step, RNG: for --resume
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a model file is as readable as any output
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise SeqtoolError(f"cannot write {path}: {exc.strerror or exc}") from None
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _unaliased(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop later names of shared tensors (tied embeddings); safetensors stores each tensor once."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        out[name] = t.detach().contiguous()
+    return out
+
+
+def _pack(tensors: dict[str, torch.Tensor], kind: str, meta: dict[str, Any]) -> bytes:
+    metadata = {"format": kind, "format_version": str(FORMAT_VERSION)}
+    metadata.update({k: json.dumps(v) for k, v in meta.items()})
+    return st_save(tensors, metadata=metadata)
+
+
+def _unpack(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and check a safetensors file of ours; everything else is one ModelFileError."""
+    if not path.exists():
+        raise ModelFileError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ModelFileError(f"{path} is a directory without a {MODEL_FILE}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelFileError(f"cannot read {path}: {exc.strerror}") from None
+    what = "seqtool model" if kind == MODEL_FORMAT else "seqtool training state"
+    if len(data) < 8:
+        raise ModelFileError(f"{path} is not a {what} file (too short)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > len(data) - 8:
+        raise ModelFileError(f"{path} is not a {what} file, or it is truncated")
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+        raw_meta = header.get("__metadata__") or {}
+    except (ValueError, AttributeError):
+        raise ModelFileError(f"{path} is not a {what} file (unreadable header)") from None
+    if raw_meta.get("format") != kind:
+        raise ModelFileError(f"{path} is a safetensors file but not a {what} file")
+    version = raw_meta.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise ModelFileError(
+            f"{path} has {what} format version {version}; this seqtool reads version {FORMAT_VERSION}"
+        )
+    try:
+        tensors = st_load(data)
+        meta = {k: json.loads(v) for k, v in raw_meta.items() if k not in ("format", "format_version")}
+    except Exception:  # safetensors raises its own error types for damaged payloads
+        raise ModelFileError(f"{path} is damaged or truncated") from None
+    return tensors, meta
+
+
+@dataclass
+class ModelBundle:
+    """Everything needed to translate: model, config and tokenizers."""
+
+    model: Seq2Seq
+    config: Config
+    src_tok: Tokenizer
+    tgt_tok: Tokenizer
+    info: dict[str, Any]
+
+
+def bundle_tensors(bundle: ModelBundle) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {f"model.{k}": v for k, v in _unaliased(bundle.model.state_dict()).items()}
+    tensors["tokenizer.src"] = torch.frombuffer(bytearray(bundle.src_tok.model_bytes), dtype=torch.uint8)
+    if bundle.tgt_tok is not bundle.src_tok:
+        tensors["tokenizer.tgt"] = torch.frombuffer(bytearray(bundle.tgt_tok.model_bytes), dtype=torch.uint8)
+    return tensors, {"config": bundle.config.model_dump(), "info": bundle.info}
+
+
+def bundle_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> ModelBundle:
+    try:
+        config = validate(meta.get("config"))
+    except ConfigError as exc:
+        raise ModelFileError(f"{path}: its config is not valid for this seqtool ({exc})") from None
+    if "tokenizer.src" not in tensors:
+        raise ModelFileError(f"{path}: no tokenizer inside the model file")
+    src_tok = Tokenizer.from_bytes(tensors["tokenizer.src"].numpy().tobytes())
+    tgt = tensors.get("tokenizer.tgt")
+    tgt_tok = src_tok if tgt is None else Tokenizer.from_bytes(tgt.numpy().tobytes())
+    model = build_model(config.model, src_tok.vocab_size, tgt_tok.vocab_size)
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    expected = model.state_dict()
+    aliases = set(expected) - set(_unaliased(expected))
+    missing = set(expected) - set(weights) - aliases
+    unexpected = set(weights) - set(expected)
+    wrong_shape = [k for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        raise ModelFileError(f"{path}: weights do not match its config (missing {len(missing)}, "
+                             f"unexpected {len(unexpected)}, wrong shape {len(wrong_shape)})")
+    model.load_state_dict(weights, strict=False)
+    model.eval()
+    return ModelBundle(model, config, src_tok, tgt_tok, meta.get("info") or {})
+
+
+def save_model(path: Path, bundle: ModelBundle) -> None:
+    tensors, meta = bundle_tensors(bundle)
+    atomic_write(path, _pack(tensors, MODEL_FORMAT, meta))
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    p = Path(path)
+    return p / MODEL_FILE if p.is_dir() else p
+
+
+def load_model(path: str | Path) -> ModelBundle:
+    """Load a model file (or a model dir's best model) for inference."""
+    if Path(path).is_dir() and not (Path(path) / MODEL_FILE).exists():
+        raise ModelFileError(f"{path} is a directory without a {MODEL_FILE}")
+    path = resolve_model_path(path)
+    return bundle_from(*_unpack(path, MODEL_FORMAT), path)
+
+
+def save_state(path: Path, bundle: ModelBundle, optimizer: torch.optim.Optimizer, progress: dict[str, Any]) -> None:
+    """One file with all a resumed run needs: model, tokenizers, optimizer, progress and RNG."""
+    tensors, meta = bundle_tensors(bundle)
+    opt = optimizer.state_dict()
+    for pid, slots in opt["state"].items():
+        for name, value in slots.items():
+            tensors[f"optim.{pid}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta.update(param_groups=opt["param_groups"], progress=progress)
+    atomic_write(path, _pack(tensors, STATE_FORMAT, meta))
+
+
+def load_state(path: Path) -> tuple[ModelBundle, dict[str, Any], dict[str, Any], torch.Tensor]:
+    """-> (bundle, optimizer state dict, progress, torch RNG state)."""
+    tensors, meta = _unpack(path, STATE_FORMAT)
+    bundle = bundle_from(tensors, meta, path)
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, pid, slot = name.split(".", 2)
+            state.setdefault(int(pid), {})[slot] = value
+    if "rng.torch" not in tensors or "progress" not in meta:
+        raise ModelFileError(f"{path}: incomplete training state")
+    return bundle, {"state": state, "param_groups": meta["param_groups"]}, meta["progress"], tensors["rng.torch"]

@@ -1,0 +1,171 @@
+"""The experiment schema: one YAML file with data, tokenizer, model, training and decoding sections.
+
+Validated when loaded; unknown keys and bad values are reported together, each by its dotted name.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from seqtool.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    train_src: Optional[str] = None
+    train_tgt: Optional[str] = None
+    valid_src: Optional[str] = None
+    valid_tgt: Optional[str] = None
+    max_src_len: int = Field(100, gt=0, description="training pairs with more source tokens are dropped")
+    max_tgt_len: int = Field(100, gt=0, description="training pairs with more target tokens are dropped")
+
+
+class TokenizerConfig(Section):
+    type: Literal["bpe", "unigram", "char", "word"] = "bpe"
+    vocab_size: int = Field(8000, ge=8, le=1_000_000)
+    joint: bool = True
+    character_coverage: float = Field(1.0, gt=0.0, le=1.0)
+    max_sentences: int = Field(2_000_000, gt=0, description="lines sampled to train sentencepiece")
+
+
+class ModelConfig(Section):
+    cell: Literal["gru", "lstm", "rnn"] = "gru"
+    embedding_size: int = Field(256, gt=0, le=65536)
+    encoder_hidden_size: int = Field(256, gt=0, le=65536)
+    encoder_layers: int = Field(1, gt=0, le=16)
+    bidirectional: bool = True
+    hidden_size: int = Field(512, gt=0, le=65536)
+    decoder_layers: int = Field(1, gt=0, le=16)
+    context: Literal["init", "every_step", "attention"] = "attention"
+    attention: Literal["bahdanau", "luong_dot", "luong_general"] = "bahdanau"
+    input_feeding: bool = False
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    tie_embeddings: bool = False
+
+
+class TrainingConfig(Section):
+    model_dir: str = "runs/model"
+    seed: int = 42
+    batch_tokens: int = Field(2000, gt=0, description="padded target tokens per batch")
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    schedule: Literal["constant", "plateau", "inverse_sqrt"] = "constant"
+    warmup_steps: int = Field(1000, ge=0)
+    plateau_factor: float = Field(0.5, gt=0.0, lt=1.0)
+    plateau_patience: int = Field(2, ge=0)
+    min_lr: float = Field(1e-6, ge=0.0)
+    clip_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping")
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    max_epochs: int = Field(30, ge=0, description="0 means no limit")
+    max_steps: int = Field(0, ge=0, description="0 means no limit")
+    max_minutes: float = Field(0.0, ge=0.0, description="wall-clock budget; 0 means no limit")
+    valid_every: int = Field(500, gt=0)
+    valid_max_sentences: int = Field(0, ge=0, description="decode only this many dev lines for BLEU; 0 = all")
+    keep_best_by: Literal["bleu", "loss"] = "bleu"
+    patience: int = Field(10, ge=0, description="validations without improvement before stopping; 0 = never")
+    threads: int = Field(0, ge=0, description="torch threads; 0 = one per core")
+
+
+class DecodingConfig(Section):
+    beam_size: int = Field(5, gt=0, le=256)
+    length_penalty: float = Field(1.0, ge=0.0, le=10.0, description="GNMT alpha; 0 = raw log-probability")
+    max_len_a: float = Field(1.5, ge=0.0, le=100.0)
+    max_len_b: int = Field(10, ge=0, le=10000)
+    nbest: int = Field(1, gt=0)
+    batch_size: int = Field(64, gt=0, le=100000, description="sentences per decoding batch")
+    buffer_lines: int = Field(2000, gt=0, description="lines read ahead and sorted by length")
+    max_input_tokens: int = Field(1024, gt=0, description="longer inputs are truncated with a warning")
+
+
+class Config(Section):
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    decoding: DecodingConfig = DecodingConfig()
+
+
+def _section_fields(loc: tuple) -> list[str]:
+    """Valid key names at the place an unknown key was found."""
+    model: Any = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        model = field.annotation
+    return list(model.model_fields) if hasattr(model, "model_fields") else []
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(err["loc"])
+    name = ".".join(str(p) for p in loc) or "config"
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _section_fields(loc), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return f"unknown key {name}{hint}"
+    return f"{name}: {err['msg']} (got {err['input']!r})"
+
+
+def validate(raw: Any) -> Config:
+    """Build a Config from plain data, turning every problem into one ConfigError."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("config must be a mapping of sections (data, tokenizer, model, training, decoding)")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError("invalid config: " + "; ".join(_describe(e) for e in exc.errors())) from None
+
+
+def parse_override(expr: str) -> tuple[list[str], Any]:
+    """'section.key=value' -> (['section', 'key'], value parsed as YAML)."""
+    key, sep, value = expr.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set expects section.key=value, got {expr!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key}: cannot parse value {value!r}") from None
+    return parts, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for expr in overrides:
+        (section, key), value = parse_override(expr)
+        node = raw.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {section}.{key}: {section} is not a section")
+        node[key] = value
+    return raw
+
+
+def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults when path is None) and apply --set overrides."""
+    raw: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" (line {line + 1})" if line is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{where}") from None
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return validate(apply_overrides(raw, list(overrides)))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,1 @@
+"""Tensors only: encoder, attention, decoder and the Seq2Seq that joins them."""

@@ -1,0 +1,142 @@
+"""Target ids -> output features, with the source reaching the decoder in one of three ways.
+
+- init: the encoder's final state, through a bridge, is the decoder's initial state only.
+- every_step: that fixed context also enters every decoder step and the output layer (Cho et al.).
+- attention: a context recomputed each step from all encoder states; `bahdanau` queries with the
+  previous state and feeds the context into the RNN, `luong_*` queries with the current state and
+  may feed the attentional vector to the next step (input feeding).
+Modes without a step-to-step dependency outside the RNN run over the whole target in one call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+from torch import nn
+
+from seqtool.model.attention import Attention
+from seqtool.model.encoder import EncoderOutput, make_rnn
+
+
+@dataclass
+class DecoderState:
+    """Everything one decoder step needs; batch is dim 1 of hidden/cell and dim 0 of the rest."""
+
+    hidden: torch.Tensor  # (L, B, H)
+    cell: Optional[torch.Tensor]  # (L, B, H) for LSTM
+    feed: Optional[torch.Tensor]  # (B, O) previous attentional vector (input feeding)
+    context: torch.Tensor  # (B, K) fixed context (every_step), unused with attention
+    states: torch.Tensor  # (B, S, K) encoder states
+    keys: Optional[torch.Tensor]  # (B, S, *) attention keys, projected once
+    mask: torch.Tensor  # (B, S)
+
+    def select(self, index: torch.Tensor) -> "DecoderState":
+        """Keep / reorder / repeat batch rows (used by beam search)."""
+        changes = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                changes[f.name] = value.index_select(1 if f.name in ("hidden", "cell") else 0, index)
+        return replace(self, **changes)
+
+
+class Decoder(nn.Module):
+    def __init__(self, embed: nn.Embedding, cell: str, hidden_size: int, layers: int, enc_size: int,
+                 context: str, attention: str, input_feeding: bool, output_size: int, dropout: float):
+        super().__init__()
+        self.embed = embed
+        self.mode = context
+        self.cell = cell
+        self.layers = layers
+        self.hidden_size = hidden_size
+        self.output_size = output_size
+        emb = embed.embedding_dim
+        self.luong = context == "attention" and attention != "bahdanau"
+        self.bahdanau = context == "attention" and attention == "bahdanau"
+        self.input_feeding = self.luong and input_feeding
+        self.stepwise = self.bahdanau or self.input_feeding
+
+        self.bridge = nn.Linear(enc_size, layers * hidden_size)
+        self.cell_bridge = nn.Linear(enc_size, layers * hidden_size) if cell == "lstm" else None
+
+        rnn_in = emb + (enc_size if context != "init" and not self.luong else 0) + (output_size if self.input_feeding else 0)
+        self.rnn = make_rnn(cell, rnn_in, hidden_size, layers, dropout)
+        if context == "attention":
+            kind = {"bahdanau": "additive", "luong_dot": "dot", "luong_general": "general"}[attention]
+            self.attention = Attention(kind, hidden_size, enc_size)
+        if self.luong:
+            out_in = hidden_size + enc_size  # attentional vector tanh(W [c_t; s_t])
+        elif context == "init":
+            out_in = hidden_size + emb
+        else:
+            out_in = hidden_size + enc_size + emb
+        self.pre_output = nn.Linear(out_in, output_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def init_state(self, enc: EncoderOutput) -> DecoderState:
+        B = enc.final.size(0)
+        hidden = torch.tanh(self.bridge(enc.final)).view(B, self.layers, self.hidden_size).transpose(0, 1).contiguous()
+        cell = None
+        if self.cell_bridge is not None:
+            cell = torch.tanh(self.cell_bridge(enc.final_cell)).view(B, self.layers, self.hidden_size).transpose(0, 1).contiguous()
+        feed = enc.final.new_zeros(B, self.output_size) if self.input_feeding else None
+        keys = self.attention.keys(enc.states) if self.mode == "attention" else None
+        return DecoderState(hidden, cell, feed, enc.final, enc.states, keys, enc.mask)
+
+    def _run_rnn(self, x: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
+        h0 = state.hidden if state.cell is None else (state.hidden, state.cell)
+        out, h = self.rnn(x, h0)
+        hidden, cell = h if isinstance(h, tuple) else (h, None)
+        return out, replace(state, hidden=hidden, cell=cell)
+
+    def _features(self, emb: torch.Tensor, s: torch.Tensor, state: DecoderState,
+                  attn_ctx: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Decoder outputs s (B, [T,] H) -> output features (B, [T,] O) and attention weights."""
+        weights = None
+        if self.luong:
+            ctx, weights = self.attention(s, state.keys, state.states, state.mask)
+            feats = [ctx, s]
+        elif self.bahdanau:
+            feats = [s, attn_ctx, emb]
+        elif self.mode == "every_step":
+            ctx = state.context if s.dim() == 2 else state.context.unsqueeze(1).expand(-1, s.size(1), -1)
+            feats = [s, ctx, emb]
+        else:
+            feats = [s, emb]
+        return torch.tanh(self.pre_output(torch.cat(feats, dim=-1))), weights
+
+    def step(self, prev: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState, Optional[torch.Tensor]]:
+        """One step for a batch of previous tokens (B,) -> (features (B, O), new state, attention weights)."""
+        emb = self.dropout(self.embed(prev))
+        inputs, attn_ctx, weights = [emb], None, None
+        if self.bahdanau:
+            attn_ctx, weights = self.attention(state.hidden[-1], state.keys, state.states, state.mask)
+            inputs.append(attn_ctx)
+        elif self.mode == "every_step":
+            inputs.append(state.context)
+        if self.input_feeding:
+            inputs.append(state.feed)
+        out, state = self._run_rnn(torch.cat(inputs, dim=-1).unsqueeze(1), state)
+        s = self.dropout(out.squeeze(1))
+        feats, luong_weights = self._features(emb, s, state, attn_ctx)
+        if self.input_feeding:
+            state = replace(state, feed=feats)
+        return self.dropout(feats), state, weights if weights is not None else luong_weights
+
+    def forward(self, tgt_in: torch.Tensor, state: DecoderState) -> torch.Tensor:
+        """Teacher-forced features for a whole target (B, T) -> (B, T, O)."""
+        if self.stepwise:
+            outs = []
+            for t in range(tgt_in.size(1)):
+                feats, state, _ = self.step(tgt_in[:, t], state)
+                outs.append(feats)
+            return torch.stack(outs, dim=1)
+        emb = self.dropout(self.embed(tgt_in))
+        x = emb
+        if self.mode == "every_step":
+            x = torch.cat([emb, state.context.unsqueeze(1).expand(-1, emb.size(1), -1)], dim=-1)
+        out, state = self._run_rnn(x, state)
+        feats, _ = self._features(emb, self.dropout(out), state)
+        return self.dropout(feats)

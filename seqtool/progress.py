@@ -1,0 +1,42 @@
+"""Training progress on stderr: a rich bar on a terminal, plain log lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class Reporter:
+    def __init__(self, total: Optional[int], quiet: bool = False, log_every: int = 100):
+        self.console = Console(stderr=True, highlight=False)
+        self.quiet = quiet
+        self.log_every = log_every
+        self.bar: Optional[Progress] = None
+        self.task = None
+        if sys.stderr.isatty() and not quiet:
+            self.bar = Progress(
+                TextColumn("step {task.completed}"), BarColumn(), TextColumn("{task.fields[stats]}"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=self.console, transient=False,
+            )
+            self.task = self.bar.add_task("train", total=total, stats="")
+            self.bar.start()
+        self._last_log = time.monotonic()
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(message, markup=False)
+
+    def step(self, step: int, stats: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, stats=stats)
+        elif step % self.log_every == 0:
+            self.log(f"step {step} {stats}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

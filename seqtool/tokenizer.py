@@ -1,0 +1,98 @@
+"""Text <-> pieces <-> ids with sentencepiece (bpe, unigram, char, or pre-segmented words)."""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import sentencepiece as spm
+
+from seqtool.config import TokenizerConfig
+from seqtool.errors import DataError, ModelFileError
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """A loaded sentencepiece model; `model_bytes` is what travels inside a seqtool model file."""
+
+    model_bytes: bytes
+    sp: spm.SentencePieceProcessor
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Tokenizer":
+        sp = spm.SentencePieceProcessor()
+        try:
+            sp.LoadFromSerializedProto(data)
+        except (RuntimeError, OSError, TypeError):
+            raise ModelFileError("the tokenizer inside the model is damaged") from None
+        if (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) != (PAD, UNK, BOS, EOS):
+            raise ModelFileError("tokenizer was not made by seqtool (unexpected special ids)")
+        return cls(data, sp)
+
+    @classmethod
+    def from_file(cls, path: str) -> "Tokenizer":
+        try:
+            with open(path, "rb") as f:
+                return cls.from_bytes(f.read())
+        except OSError as exc:
+            raise ModelFileError(f"cannot read tokenizer {path}: {exc.strerror}") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def pieces(self, text: str) -> list[str]:
+        return self.sp.encode(text, out_type=str)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+    def decode_pieces(self, pieces: list[str]) -> str:
+        return self.sp.decode_pieces(pieces)
+
+
+def train_tokenizer(lines: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
+    """Train a sentencepiece model in memory on `lines`."""
+    model = io.BytesIO()
+    # 'word' means the text is already segmented (e.g. couplets: one character per token).
+    model_type = cfg.type
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_nonempty(lines),
+            model_writer=model,
+            model_type=model_type,
+            vocab_size=cfg.vocab_size,
+            hard_vocab_limit=False,  # vocab_size is an upper bound, so small corpora still train
+            character_coverage=cfg.character_coverage,
+            input_sentence_size=cfg.max_sentences,
+            shuffle_input_sentence=True,
+            normalization_rule_name="identity",  # keep the text exactly (no NFKC: couplet punctuation)
+            byte_fallback=model_type in ("bpe", "unigram"),  # unseen characters still round-trip
+            pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
+            max_sentence_length=1 << 16,
+            num_threads=2,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:
+        need = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(exc))
+        if need:
+            raise DataError(f"tokenizer.vocab_size {need.group(1)} is too small: this data needs at least "
+                            f"{need.group(2)} pieces (its characters{', plus 256 byte pieces' if model_type in ('bpe', 'unigram') else ''})") from None
+        raise DataError(f"sentencepiece training failed: {str(exc).strip().splitlines()[-1]}") from None
+    return Tokenizer.from_bytes(model.getvalue())
+
+
+def _nonempty(lines: Iterable[str]) -> Iterator[str]:
+    for line in lines:
+        if line.strip():
+            yield line

@@ -1,0 +1,326 @@
+"""The training loop: text -> tokenizer -> batches -> loss -> step; validation, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from seqtool import __version__
+from seqtool.checkpoint import MODEL_FILE, STATE_FILE, ModelBundle, load_state, save_model, save_state
+from seqtool.config import Config, TrainingConfig, dump_config
+from seqtool.data import Examples, encode_pairs, epoch_batches, make_batch, read_pairs
+from seqtool.errors import ConfigError, SeqtoolError
+from seqtool.metrics import bleu
+from seqtool.model.seq2seq import build_model
+from seqtool.progress import Reporter
+from seqtool.tokenizer import PAD, Tokenizer, train_tokenizer
+from seqtool.translate import Translator
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved with every checkpoint so --resume continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    elapsed_s: float = 0.0
+    best: Optional[float] = None
+    best_step: int = 0
+    bad_validations: int = 0
+    lr_scale: float = 1.0  # reduce-on-plateau factor so far
+    plateau_best: Optional[float] = None
+    plateau_bad: int = 0
+    last_valid: dict = field(default_factory=dict)
+
+
+def learning_rate(cfg: TrainingConfig, progress: Progress) -> float:
+    """constant; plateau (scaled down on stalled validation); inverse_sqrt with linear warmup."""
+    lr = cfg.lr * progress.lr_scale
+    if cfg.schedule == "inverse_sqrt":
+        step, warm = max(progress.step, 1), max(cfg.warmup_steps, 1)
+        lr = cfg.lr * min(step / warm, math.sqrt(warm / step))
+    return max(lr, cfg.min_lr)
+
+
+def update_plateau(cfg: TrainingConfig, progress: Progress, score: float, higher_is_better: bool) -> None:
+    if cfg.schedule != "plateau":
+        return
+    better = progress.plateau_best is None or (score > progress.plateau_best if higher_is_better else score < progress.plateau_best)
+    if better:
+        progress.plateau_best, progress.plateau_bad = score, 0
+    else:
+        progress.plateau_bad += 1
+        if progress.plateau_bad > cfg.plateau_patience:
+            progress.lr_scale *= cfg.plateau_factor
+            progress.plateau_bad = 0
+
+
+def check_data_paths(cfg: Config) -> None:
+    """All missing or unset training paths in one error."""
+    d = cfg.data
+    problems = []
+    for key in ("train_src", "train_tgt", "valid_src", "valid_tgt"):
+        value = getattr(d, key)
+        if value is None:
+            if key.startswith("train"):
+                problems.append(f"data.{key} is not set")
+        elif not Path(value).is_file():
+            problems.append(f"data.{key}: file not found: {value}")
+    if (d.valid_src is None) != (d.valid_tgt is None):
+        problems.append("data.valid_src and data.valid_tgt must be given together")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def build_tokenizers(cfg: Config, src_lines: list[str], tgt_lines: list[str]) -> tuple[Tokenizer, Tokenizer]:
+    if cfg.tokenizer.joint:
+        tok = train_tokenizer(src_lines + tgt_lines, cfg.tokenizer)
+        return tok, tok
+    return train_tokenizer(src_lines, cfg.tokenizer), train_tokenizer(tgt_lines, cfg.tokenizer)
+
+
+def batch_loss(model, batch, label_smoothing: float) -> torch.Tensor:
+    """Summed token cross-entropy of a batch (padding ignored)."""
+    logits = model(batch.src, batch.src_lens, batch.tgt_in)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch.tgt_out.reshape(-1), ignore_index=PAD,
+                           label_smoothing=label_smoothing, reduction="sum")
+
+
+@torch.no_grad()
+def validation_loss(model, examples: Examples, batch_tokens: int) -> tuple[float, float]:
+    """-> (loss per target token, perplexity), without label smoothing."""
+    total, tokens = 0.0, 0
+    for idx in epoch_batches(examples, batch_tokens, seed=0):
+        batch = make_batch([examples.src[i] for i in idx], [examples.tgt[i] for i in idx])
+        total += batch_loss(model, batch, 0.0).item()
+        tokens += batch.n_tgt_tokens
+    loss = total / max(tokens, 1)
+    return loss, math.exp(min(loss, 50.0))
+
+
+class StopFlag:
+    """SIGINT / SIGTERM ask the loop to save and stop at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[str] = None
+        self._old = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+        signal.signal(signum, self._old[signum])  # a second signal acts as usual
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    bundle: ModelBundle
+    train: Examples
+    valid: Optional[Examples]
+    valid_src: list[str]
+    valid_ref: list[str]
+    reporter: Reporter
+    progress: Progress = field(default_factory=Progress)
+
+    def __post_init__(self) -> None:
+        self.dir = Path(self.cfg.training.model_dir)
+        self.optimizer = torch.optim.Adam(self.bundle.model.parameters(), lr=self.cfg.training.lr)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _info(self) -> dict:
+        p = self.progress
+        return {
+            "seqtool_version": __version__, "step": p.step, "epoch": p.epoch, "elapsed_s": round(p.elapsed_s, 1),
+            "train_pairs": len(self.train), "train_src": self.cfg.data.train_src, "train_tgt": self.cfg.data.train_tgt,
+            "params": sum(t.numel() for t in self.bundle.model.parameters()),
+            "best": {self.cfg.training.keep_best_by: p.best, "step": p.best_step}, "last_valid": p.last_valid,
+        }
+
+    def save_checkpoint(self, best: bool) -> None:
+        self.bundle.info = self._info()
+        if best or not (self.dir / MODEL_FILE).exists():
+            save_model(self.dir / MODEL_FILE, self.bundle)
+        save_state(self.dir / STATE_FILE, self.bundle, self.optimizer, asdict(self.progress))
+
+    # -- validation ----------------------------------------------------------------------------
+    def validate(self, train_loss: float, sent_s: float, tok_s: float) -> bool:
+        """Score the dev set, log a metrics line, keep the best model; True when it improved."""
+        model, t = self.bundle.model, self.cfg.training
+        model.eval()
+        record = {"step": self.progress.step, "epoch": self.progress.epoch, "time_s": round(self.progress.elapsed_s, 1),
+                  "lr": learning_rate(t, self.progress), "train_loss": round(train_loss, 4),
+                  "train_sent_per_s": round(sent_s, 1), "train_tgt_tok_per_s": round(tok_s, 1)}
+        if self.valid is not None:
+            loss, ppl = validation_loss(model, self.valid, t.batch_tokens)
+            n = t.valid_max_sentences or len(self.valid_src)
+            decoding = self.cfg.decoding.model_copy(update={"beam_size": 1, "nbest": 1})
+            translator = Translator(model, self.bundle.src_tok, self.bundle.tgt_tok, decoding)
+            hyps = [tr.text for tr in translator.translate(self.valid_src[:n])]
+            record.update(valid_loss=round(loss, 4), valid_ppl=round(ppl, 2), valid_bleu=round(bleu(hyps, self.valid_ref[:n]), 2))
+            score = record["valid_bleu"] if t.keep_best_by == "bleu" else loss
+        else:
+            score = train_loss
+        model.train()
+        higher = t.keep_best_by == "bleu" and self.valid is not None
+        p = self.progress
+        improved = p.best is None or (score > p.best if higher else score < p.best)
+        if improved:
+            p.best, p.best_step, p.bad_validations = score, p.step, 0
+        else:
+            p.bad_validations += 1
+        update_plateau(t, p, score, higher)
+        p.last_valid = record
+        with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = {k: v for k, v in record.items() if k.startswith("valid_")}
+        self.reporter.log(f"validation at step {p.step}: " + " ".join(f"{k}={v}" for k, v in shown.items())
+                          + (" (best)" if improved else ""))
+        self.save_checkpoint(best=improved)
+        return improved
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> str:
+        """Train until a limit, early stopping or a signal; returns why it stopped."""
+        t, p, model = self.cfg.training, self.progress, self.bundle.model
+        model.train()
+        start = time.monotonic() - p.elapsed_s
+        window = {"loss": 0.0, "tokens": 0, "sents": 0, "t0": time.monotonic()}
+        last_rates = (0.0, 0.0)
+        reason = ""
+        with StopFlag() as stop:
+            while not reason:
+                if t.max_epochs and p.epoch >= t.max_epochs:
+                    reason = f"reached training.max_epochs={t.max_epochs}"
+                    break
+                batches = epoch_batches(self.train, t.batch_tokens, seed=t.seed + p.epoch)
+                while p.batch_in_epoch < len(batches):
+                    idx = batches[p.batch_in_epoch]
+                    batch = make_batch([self.train.src[i] for i in idx], [self.train.tgt[i] for i in idx])
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = learning_rate(t, p)
+                    loss = batch_loss(model, batch, t.label_smoothing)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if not torch.isfinite(loss):
+                        self.reporter.log(f"step {p.step + 1}: loss is {loss.item()}; batch skipped")
+                    else:
+                        (loss / batch.n_tgt_tokens).backward()
+                        if t.clip_grad_norm > 0:
+                            torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
+                        self.optimizer.step()
+                        window["loss"] += loss.item()
+                    window["tokens"] += batch.n_tgt_tokens
+                    window["sents"] += batch.size
+                    p.step += 1
+                    p.batch_in_epoch += 1
+                    p.elapsed_s = time.monotonic() - start
+                    dt = max(time.monotonic() - window["t0"], 1e-9)
+                    tok_s, sent_s = window["tokens"] / dt, window["sents"] / dt
+                    self.reporter.step(p.step, f"loss {window['loss'] / max(window['tokens'], 1):.3f} "
+                                               f"{tok_s:,.0f} tok/s lr {learning_rate(t, p):.2e}")
+                    if p.step % t.valid_every == 0:
+                        last_rates = (sent_s, tok_s)
+                        improved = self.validate(window["loss"] / max(window["tokens"], 1), sent_s, tok_s)
+                        window = {"loss": 0.0, "tokens": 0, "sents": 0, "t0": time.monotonic()}
+                        if not improved and t.patience and p.bad_validations >= t.patience:
+                            reason = f"early stopping: no improvement in {t.patience} validations"
+                    if t.max_steps and p.step >= t.max_steps:
+                        reason = reason or f"reached training.max_steps={t.max_steps}"
+                    if t.max_minutes and p.elapsed_s >= t.max_minutes * 60:
+                        reason = reason or f"reached training.max_minutes={t.max_minutes}"
+                    if stop.signal:
+                        reason = f"stopped by {stop.signal}"
+                    if reason:
+                        break
+                else:
+                    p.epoch += 1
+                    p.batch_in_epoch = 0
+        if stop.signal:
+            self.save_checkpoint(best=False)
+        elif p.step % t.valid_every != 0:
+            dt = max(time.monotonic() - window["t0"], 1e-9)
+            rates = (window["sents"] / dt, window["tokens"] / dt) if window["tokens"] else last_rates
+            self.validate(window["loss"] / max(window["tokens"], 1), *rates)
+        return reason
+
+
+def prepare(cfg: Config, reporter: Reporter, resume: bool) -> Trainer:
+    """Read data, build or restore tokenizers and model, and return a Trainer ready to run."""
+    check_data_paths(cfg)
+    model_dir = Path(cfg.training.model_dir)
+    state_path = model_dir / STATE_FILE
+    progress = Progress()
+    if resume:
+        if not state_path.exists():
+            raise SeqtoolError(f"nothing to resume: {state_path} does not exist")
+        bundle, opt_state, saved_progress, rng = load_state(state_path)
+        for section in ("data", "tokenizer", "model"):
+            if getattr(bundle.config, section) != getattr(cfg, section):
+                raise ConfigError(f"--resume: the {section} section differs from the run in {model_dir}")
+        bundle.config = cfg
+        progress = Progress(**saved_progress)
+        bundle.model.train()
+    else:
+        if state_path.exists() or (model_dir / MODEL_FILE).exists():
+            raise SeqtoolError(f"{model_dir} already holds a run; use --resume, or choose another training.model_dir")
+        model_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.training.seed)
+    if cfg.training.threads:
+        torch.set_num_threads(cfg.training.threads)
+
+    src_lines, tgt_lines = read_pairs(cfg.data.train_src, cfg.data.train_tgt)
+    if not resume:
+        reporter.log(f"training {cfg.tokenizer.type} tokenizer ({'joint' if cfg.tokenizer.joint else 'separate'}, "
+                     f"up to {cfg.tokenizer.vocab_size} pieces)")
+        src_tok, tgt_tok = build_tokenizers(cfg, src_lines, tgt_lines)
+        model = build_model(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size)
+        bundle = ModelBundle(model, cfg, src_tok, tgt_tok, {})
+    train = encode_pairs(src_lines, tgt_lines, bundle.src_tok, bundle.tgt_tok, cfg.data.max_src_len, cfg.data.max_tgt_len)
+    reporter.log(f"{len(train)} training pairs ({train.dropped_long} over the length limits and "
+                 f"{train.dropped_empty} with an empty side dropped)")
+    if not len(train):
+        raise SeqtoolError("no training pairs left after filtering; check data.max_src_len / max_tgt_len")
+    valid, valid_src, valid_ref = None, [], []
+    if cfg.data.valid_src:
+        valid_src, valid_ref = read_pairs(cfg.data.valid_src, cfg.data.valid_tgt)
+        valid = encode_pairs(valid_src, valid_ref, bundle.src_tok, bundle.tgt_tok, 1 << 30, 1 << 30)
+    (model_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    params = sum(t.numel() for t in bundle.model.parameters())
+    reporter.log(f"model: {cfg.model.cell} {cfg.model.context}, {params:,} parameters, vocab "
+                 f"{bundle.src_tok.vocab_size}/{bundle.tgt_tok.vocab_size}")
+    trainer = Trainer(cfg, bundle, train, valid, valid_src, valid_ref, reporter, progress)
+    if resume:
+        trainer.optimizer.load_state_dict(opt_state)
+        torch.set_rng_state(rng)
+        reporter.log(f"resuming at step {progress.step} (epoch {progress.epoch})")
+    return trainer
+
+
+def run_training(cfg: Config, resume: bool = False, quiet: bool = False) -> Trainer:
+    total = cfg.training.max_steps or None
+    reporter = Reporter(total, quiet=quiet)
+    try:
+        trainer = prepare(cfg, reporter, resume)
+        reason = trainer.run()
+    finally:
+        reporter.close()
+    p = trainer.progress
+    reporter.log(f"{reason}; step {p.step}, best {cfg.training.keep_best_by} {p.best} at step {p.best_step}; "
+                 f"model in {Path(cfg.training.model_dir) / MODEL_FILE}")
+    return trainer

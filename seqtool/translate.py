@@ -1,0 +1,129 @@
+"""Lines in -> buffer -> sort by length -> batches -> search -> restore order -> lines out.
+
+Exactly one output per input line, in order; empty lines give empty output without touching the
+model. Streams with a bounded read-ahead buffer and flushes as soon as a chunk is done, so an
+interactive pipe gets each answer before it sends the next line.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Optional, TextIO
+
+import torch
+
+from seqtool.config import DecodingConfig
+from seqtool.data import make_batch
+from seqtool.model.seq2seq import Seq2Seq
+from seqtool.search import Hypothesis, beam_search, greedy
+from seqtool.tokenizer import Tokenizer
+
+
+@dataclass
+class Translation:
+    text: str
+    hypotheses: list[tuple[str, float]] = field(default_factory=list)  # n-best (text, score)
+
+
+@dataclass
+class Translator:
+    model: Seq2Seq
+    src_tok: Tokenizer
+    tgt_tok: Tokenizer
+    decoding: DecodingConfig
+    warn: Callable[[str], None] = lambda message: None
+
+    def search(self, ids: list[list[int]]) -> list[list[Hypothesis]]:
+        """Decode a batch of non-empty id sequences."""
+        batch = make_batch(ids, [[0]] * len(ids))
+        d = self.decoding
+        if d.beam_size == 1 and d.nbest == 1:
+            return greedy(self.model, batch.src, batch.src_lens, d.max_len_a, d.max_len_b, d.length_penalty)
+        return beam_search(self.model, batch.src, batch.src_lens, d.beam_size, d.max_len_a, d.max_len_b,
+                           d.length_penalty, d.nbest)
+
+    def translate(self, lines: list[str], first_lineno: int = 1) -> list[Translation]:
+        """Translate lines in any order of length; the result has one entry per line, in order."""
+        out = [Translation("") for _ in lines]
+        work = []
+        limit = self.decoding.max_input_tokens
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            ids = self.src_tok.encode(line)
+            if len(ids) > limit:
+                self.warn(f"line {first_lineno + i}: {len(ids)} tokens, truncated to {limit} (decoding.max_input_tokens)")
+                ids = ids[:limit]
+            work.append((i, ids))
+        work.sort(key=lambda item: len(item[1]))
+        step = self.decoding.batch_size
+        with torch.inference_mode():
+            for start in range(0, len(work), step):
+                chunk = work[start : start + step]
+                for (i, _), hyps in zip(chunk, self.search([ids for _, ids in chunk])):
+                    texts = [(self.tgt_tok.decode(h.tokens), h.score) for h in hyps]
+                    out[i] = Translation(texts[0][0] if texts else "", texts)
+        return out
+
+
+def read_ahead(lines: Iterable[str], max_chunk: int) -> Iterator[list[str]]:
+    """Group lines into chunks of at most `max_chunk`, never waiting for more input than is ready.
+
+    A reader thread pulls lines into a bounded queue; a chunk ends when it is full or when no line
+    is waiting, so a file gives full chunks and an interactive pipe gives one line at a time.
+    Errors raised while reading surface after the lines before them were yielded.
+    """
+    q: queue.Queue = queue.Queue(maxsize=2 * max_chunk)
+    done = object()
+
+    def pump() -> None:
+        try:
+            for line in lines:
+                q.put(line)
+        except BaseException as exc:  # re-raised in the consumer, in order
+            q.put(exc)
+        q.put(done)
+
+    threading.Thread(target=pump, daemon=True).start()
+    while True:
+        item = q.get()
+        chunk: list[str] = []
+        while True:
+            if item is done or isinstance(item, BaseException):
+                if chunk:
+                    yield chunk
+                if item is done:
+                    return
+                raise item
+            chunk.append(item)
+            if len(chunk) >= max_chunk:
+                break
+            try:
+                item = q.get_nowait()
+            except queue.Empty:
+                break
+        yield chunk
+
+
+def format_translation(t: Translation, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps({"text": t.text, "nbest": [{"text": s, "score": round(sc, 4)} for s, sc in t.hypotheses]},
+                          ensure_ascii=False)
+    return t.text
+
+
+def translate_stream(translator: Translator, lines: Iterable[str], out: TextIO, fmt: str = "text",
+                     on_chunk: Optional[Callable[[int], None]] = None) -> int:
+    """Translate a stream of lines to `out`, flushing after each chunk; returns the line count."""
+    n = 0
+    for chunk in read_ahead(lines, translator.decoding.buffer_lines):
+        for t in translator.translate(chunk, first_lineno=n + 1):
+            out.write(format_translation(t, fmt) + "\n")
+        out.flush()
+        n += len(chunk)
+        if on_chunk:
+            on_chunk(n)
+    return n

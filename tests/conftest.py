@@ -1,0 +1,63 @@
+"""Shared fixtures: paths, a CLI runner, and one tiny model trained for real on sample_data/."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_data"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def run_cli(*args: str, input: str | bytes | None = None, cwd: Path | None = None, timeout: float = 600,
+            check: bool = False) -> subprocess.CompletedProcess:
+    """Run `python -m seqtool ARGS` as a user would; text in/out unless bytes are given."""
+    text = not isinstance(input, bytes)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "seqtool", *args], input=input, capture_output=True, text=text,
+                          cwd=cwd or ROOT, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"seqtool {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def tiny_config(model_dir: Path, **sections) -> dict:
+    """A config for a tiny model (hidden 32) on the sample task; keyword args update sections."""
+    cfg = {
+        "data": {"train_src": str(SAMPLE / "train.src"), "train_tgt": str(SAMPLE / "train.tgt"),
+                 "valid_src": str(SAMPLE / "valid.src"), "valid_tgt": str(SAMPLE / "valid.tgt")},
+        "tokenizer": {"type": "bpe", "vocab_size": 600},
+        "model": {"embedding_size": 32, "encoder_hidden_size": 32, "hidden_size": 32, "dropout": 0.1},
+        "training": {"model_dir": str(model_dir), "batch_tokens": 1500, "lr": 0.003, "max_steps": 700,
+                     "valid_every": 350, "valid_max_sentences": 200},
+        "decoding": {"beam_size": 5},
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory) -> Path:
+    """Train the tiny sample model once through the real CLI; returns its model dir."""
+    work = tmp_path_factory.mktemp("trained")
+    model_dir = work / "model"
+    config = write_config(work / "tiny.yaml", tiny_config(model_dir))
+    run_cli("train", "-c", str(config), "-q", check=True)
+    return model_dir
+
+
+def read_metrics(model_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,103 @@
+"""Model files: round trip, and every kind of bad file is one clear ModelFileError, never code execution."""
+
+import json
+import os
+import pickle
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from seqtool.checkpoint import ModelBundle, atomic_write, load_model, save_model
+from seqtool.config import validate
+from seqtool.errors import ModelFileError
+from seqtool.model.seq2seq import build_model
+from seqtool.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    cfg = validate({"model": {"embedding_size": 8, "encoder_hidden_size": 8, "hidden_size": 16, "tie_embeddings": True,
+                              "cell": "lstm"}, "tokenizer": {"vocab_size": 400}})
+    tok = train_tokenizer([f"word{i} other{i % 7} thing" for i in range(200)], cfg.tokenizer)
+    torch.manual_seed(0)
+    return ModelBundle(build_model(cfg.model, tok.vocab_size, tok.vocab_size), cfg, tok, tok, {"step": 3})
+
+
+def test_round_trip_gives_identical_outputs(bundle, tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_model(path, bundle)
+    loaded = load_model(path)
+    assert loaded.config == bundle.config and loaded.info == {"step": 3}
+    assert loaded.src_tok.model_bytes == bundle.src_tok.model_bytes
+    src = torch.tensor([[5, 6, 7]])
+    lens = torch.tensor([3])
+    bundle.model.eval()
+    torch.testing.assert_close(loaded.model(src, lens, src), bundle.model(src, lens, src), rtol=0, atol=0)
+    assert loaded.model.output.weight is loaded.model.decoder.embed.weight  # still tied after loading
+
+
+def test_model_dir_resolves_to_its_model_file(bundle, tmp_path):
+    save_model(tmp_path / "model.safetensors", bundle)
+    assert load_model(tmp_path).info == {"step": 3}
+
+
+def _expect_error(path, match):
+    with pytest.raises(ModelFileError, match=match):
+        load_model(path)
+
+
+def test_missing_truncated_random(bundle, tmp_path):
+    _expect_error(tmp_path / "none.safetensors", "not found")
+    _expect_error(tmp_path, "directory")
+    good = tmp_path / "good.safetensors"
+    save_model(good, bundle)
+    data = good.read_bytes()
+    (tmp_path / "trunc").write_bytes(data[: len(data) // 2])
+    _expect_error(tmp_path / "trunc", "truncated|damaged")
+    (tmp_path / "rand").write_bytes(os.urandom(5000))
+    _expect_error(tmp_path / "rand", "not a seqtool model")
+    (tmp_path / "tiny").write_bytes(b"abc")
+    _expect_error(tmp_path / "tiny", "too short")
+
+
+def test_foreign_safetensors_and_other_version(tmp_path):
+    (tmp_path / "foreign").write_bytes(st_save({"w": torch.zeros(2)}))
+    _expect_error(tmp_path / "foreign", "not a seqtool model")
+    (tmp_path / "v99").write_bytes(st_save({"w": torch.zeros(2)}, metadata={"format": "seqtool-model", "format_version": "99"}))
+    _expect_error(tmp_path / "v99", "format version 99")
+    (tmp_path / "badcfg").write_bytes(st_save({"w": torch.zeros(2)}, metadata={
+        "format": "seqtool-model", "format_version": "1", "config": json.dumps({"model": {"cell": "x"}})}))
+    _expect_error(tmp_path / "badcfg", "config is not valid")
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_payload_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps(_Payload(str(marker))))
+    _expect_error(evil, "not a seqtool model")
+    torch.save({"x": _Payload(str(marker))}, tmp_path / "evil2.safetensors")
+    _expect_error(tmp_path / "evil2.safetensors", "not a seqtool model")
+    assert not marker.exists()
+
+
+def test_header_claiming_more_than_the_file(tmp_path):
+    (tmp_path / "h").write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    _expect_error(tmp_path / "h", "truncated")
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    target = tmp_path / "f"
+    atomic_write(target, b"one")
+    atomic_write(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert os.listdir(tmp_path) == ["f"]

@@ -1,0 +1,105 @@
+"""Bad input through the real CLI: one clear line on stderr, a non-zero exit, never a traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SAMPLE, run_cli, tiny_config, write_config
+
+
+def assert_one_line_error(proc, match, code=None):
+    assert proc.returncode != 0, proc
+    if code is not None:
+        assert proc.returncode == code
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert match in lines[0], lines[0]
+
+
+def test_train_unknown_key_suggests_name(tmp_path):
+    cfg = tiny_config(tmp_path / "m")
+    cfg["model"]["hiden_size"] = 3
+    proc = run_cli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert_one_line_error(proc, "unknown key model.hiden_size; did you mean hidden_size?", code=2)
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_bad_values_and_missing_paths_reported_together(tmp_path):
+    cfg = tiny_config(tmp_path / "m", data={"train_src": str(tmp_path / "nope.src")})
+    proc = run_cli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert_one_line_error(proc, "data.train_src: file not found", code=2)
+    proc = run_cli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg)), "--set", "model.dropout=1.5",
+                   "--set", "decoding.beam_size=0")
+    assert_one_line_error(proc, "model.dropout")
+    assert "decoding.beam_size" in proc.stderr
+
+
+def test_train_misaligned_files(tmp_path):
+    (tmp_path / "a").write_text("x y\n" * 5)
+    (tmp_path / "b").write_text("x y\n" * 4)
+    cfg = tiny_config(tmp_path / "m", data={"train_src": str(tmp_path / "a"), "train_tgt": str(tmp_path / "b"),
+                                            "valid_src": None, "valid_tgt": None})
+    proc = run_cli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert_one_line_error(proc, "has 5 lines but")
+
+
+@pytest.mark.parametrize("args,match", [
+    (["train"], "give a config"),
+    (["train", "-c", "missing.yaml"], "config file not found"),
+    (["train", "-c", "configs/sample.yaml", "--set", "model.hidden_size"], "--set expects section.key=value"),
+])
+def test_train_usage_errors(args, match):
+    assert_one_line_error(run_cli(*args), match)
+
+
+def test_translate_model_file_errors(tmp_path):
+    (tmp_path / "rand.safetensors").write_bytes(os.urandom(2048))
+    for model, match in ((tmp_path / "none", "not found"), (tmp_path / "rand.safetensors", "not a seqtool model"),
+                         (tmp_path, "directory without")):
+        assert_one_line_error(run_cli("translate", "-m", str(model), input="a\n"), match)
+
+
+def test_translate_input_errors(trained_model, tmp_path):
+    assert_one_line_error(run_cli("translate", "-m", str(trained_model), str(tmp_path / "none.txt")), "file not found")
+    assert_one_line_error(run_cli("translate", "-m", str(trained_model), "-b", "0", input="a\n"), "decoding.beam_size")
+    assert_one_line_error(run_cli("translate", "-m", str(trained_model), "--format", "xml", input="a\n"), "--format")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"zuza zobo.\r\n\xef\xbb\xbfok\n\xff\xfe broken\n")
+    proc = run_cli("translate", "-m", str(trained_model), str(bad))
+    assert_one_line_error(proc, "bad.txt:3: invalid UTF-8")
+    assert len(proc.stdout.splitlines()) == 2  # the lines before the bad one were translated and kept
+
+
+def test_translate_output_file_not_half_written(trained_model, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"zuza.\n\xff\n")
+    out = tmp_path / "out.txt"
+    proc = run_cli("translate", "-m", str(trained_model), str(bad), "-o", str(out))
+    assert proc.returncode != 0 and not out.exists() and os.listdir(tmp_path) == ["bad.txt"]
+
+
+def test_crlf_bom_and_long_line_accepted(trained_model, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_bytes(b"\xef\xbb\xbfzuza zobo.\r\n\r\n" + b"zobo " * 3000 + b"\n")
+    proc = run_cli("translate", "-m", str(trained_model), str(src), "-b", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.split("\n")) == 4
+    assert "truncated" in proc.stderr
+
+
+def test_closed_stdout_exits_quietly(trained_model):
+    text = "zuza zobo.\n" * 3000
+    pipeline = f"{sys.executable} -m seqtool translate -m {trained_model} -b 1 | head -1"
+    proc = subprocess.run(["bash", "-c", pipeline], input=text, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.stdout.count("\n") == 1
+    assert "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr
+
+
+def test_help_teaches():
+    for cmd in (["--help"], ["train", "--help"], ["translate", "--help"], ["evaluate", "--help"], ["tokenizer", "--help"]):
+        proc = run_cli(*cmd)
+        assert proc.returncode == 0 and "Usage" in proc.stdout
+    assert "Example" in run_cli("translate", "--help").stdout

@@ -1,0 +1,54 @@
+import pytest
+
+from seqtool.config import ConfigError, load_config, parse_override, validate
+
+
+def test_defaults_are_valid():
+    cfg = validate({})
+    assert cfg.model.cell == "gru" and cfg.decoding.beam_size == 5
+
+
+def test_unknown_key_named_with_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown key model\.hiden_size; did you mean hidden_size\?"):
+        validate({"model": {"hiden_size": 3}})
+
+
+def test_unknown_section_and_several_errors_reported_together():
+    with pytest.raises(ConfigError) as exc:
+        validate({"modle": {}, "model": {"dropout": 1.5}, "decoding": {"beam_size": 0}, "tokenizer": {"vocab_size": -1}})
+    msg = str(exc.value)
+    for part in ("unknown key modle; did you mean model?", "model.dropout", "decoding.beam_size", "tokenizer.vocab_size"):
+        assert part in msg
+
+
+def test_wrong_type_and_choice():
+    with pytest.raises(ConfigError, match="model.hidden_size"):
+        validate({"model": {"hidden_size": "big"}})
+    with pytest.raises(ConfigError, match="model.cell"):
+        validate({"model": {"cell": "transformer"}})
+
+
+def test_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  cell: lstm\n")
+    cfg = load_config(path, ["model.hidden_size=64", "training.lr=1e-4", "data.train_src=x.txt"])
+    assert (cfg.model.cell, cfg.model.hidden_size, cfg.training.lr, cfg.data.train_src) == ("lstm", 64, 1e-4, "x.txt")
+
+
+@pytest.mark.parametrize("expr", ["model.hidden_size", "hidden_size=3", "a.b.c=1", "=3", "model.=1"])
+def test_malformed_override(expr):
+    with pytest.raises(ConfigError, match="--set"):
+        parse_override(expr)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(top)

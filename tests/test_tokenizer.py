@@ -1,0 +1,49 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from seqtool.config import TokenizerConfig
+from seqtool.errors import ModelFileError
+from seqtool.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, train_tokenizer
+
+CORPUS = [f"the {w} sat on the {v} mat number {i}" for i, (w, v) in
+          enumerate(zip(["cat", "dog", "bird", "fish"] * 50, ["red", "blue", "green", "big", "small"] * 40))]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return train_tokenizer(CORPUS, TokenizerConfig(type="bpe", vocab_size=300))
+
+
+def test_special_ids(bpe):
+    assert (bpe.sp.pad_id(), bpe.sp.unk_id(), bpe.sp.bos_id(), bpe.sp.eos_id()) == (PAD, UNK, BOS, EOS)
+    assert Tokenizer.from_bytes(bpe.model_bytes).encode("the cat") == bpe.encode("the cat")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zs", "Zl", "Zp")) | st.just(" "), max_size=40))
+def test_round_trip_any_text(text):
+    """decode(encode(x)) == x up to whitespace runs, even for characters never seen in training."""
+    tok = _BPE
+    assert tok.decode(tok.encode(text)) == " ".join(text.split())
+
+
+_BPE = train_tokenizer(CORPUS, TokenizerConfig(type="bpe", vocab_size=300))
+
+
+def test_word_type_keeps_presegmented_tokens():
+    lines = ["指 点 江 山 ， 书 生 意 气", "风 吹 雨 打 ， 花 开 花 落"]
+    tok = train_tokenizer(lines, TokenizerConfig(type="word", vocab_size=100))
+    assert tok.pieces(lines[0]) == ["▁" + c for c in lines[0].split()]
+    assert tok.decode(tok.encode(lines[1])) == lines[1]
+
+
+def test_char_type_and_fullwidth_punctuation_kept():
+    lines = ["上联：春风，化雨。", "下联：秋月，流光。"]
+    tok = train_tokenizer(lines, TokenizerConfig(type="char", vocab_size=100))
+    assert tok.decode(tok.encode(lines[0])) == lines[0]  # no NFKC: '，' stays full width
+
+
+def test_damaged_tokenizer_bytes():
+    with pytest.raises(ModelFileError):
+        Tokenizer.from_bytes(b"not a model")
