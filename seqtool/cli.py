@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -101,19 +102,23 @@ def translate(
         raise SeqtoolError(f"--format must be text or json, not {fmt!r}")
     translator = _translator(model, overrides, beam, nbest, batch_size, length_penalty, quiet)
     lines = iter_lines(input)
+    start = time.monotonic()
     if output is None:
-        translate_stream(translator, lines, sys.stdout, fmt)
-        return
-    tmp = output.with_name(f".{output.name}.partial")
-    try:
-        with open(tmp, "w", encoding="utf-8") as out:
-            translate_stream(translator, lines, out, fmt)
-        os.replace(tmp, output)  # no half-written output under the real name
-    except OSError as exc:
-        raise SeqtoolError(f"cannot write {output}: {exc.strerror}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        n = translate_stream(translator, lines, sys.stdout, fmt)
+    else:
+        tmp = output.with_name(f".{output.name}.partial")
+        try:
+            with open(tmp, "w", encoding="utf-8") as out:
+                n = translate_stream(translator, lines, out, fmt)
+            os.replace(tmp, output)  # no half-written output under the real name
+        except OSError as exc:
+            raise SeqtoolError(f"cannot write {output}: {exc.strerror}") from None
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    if not quiet:
+        seconds = time.monotonic() - start
+        _err(f"translated {n} lines in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} lines/s)")
 
 
 @app.command()

@@ -1,0 +1,141 @@
+"""seqtool next to Joey NMT and OpenNMT-py on Multi30k de-en, in one run on this machine.
+
+Trains configs/multi30k_deen.yaml for MINUTES, decodes test2016 greedy and beam 5 (batch 64),
+then runs ../shared/peers/verify.sh with the same budget for both peers, and prints a table of
+throughput, BLEU and memory with ratios (seqtool / peer). Jobs run one at a time.
+
+    python bench/compare_peers.py --minutes 20            # about 70 minutes in all
+    python bench/compare_peers.py --minutes 3 --skip-peers
+JSON lines of every measurement go to OUT/results.jsonl (default runs/bench_peers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import sacrebleu
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = ROOT.parent / "shared" / "peers"
+DATA = ROOT.parent / "shared" / "data" / "multi30k"
+MEASURE = PEERS / "lib" / "measure.py"
+
+
+def measure(cmd: list[str], report: Path, budget: float = 0, stdout: Path | None = None,
+            stderr: Path | None = None) -> dict:
+    """Run through the peers' own measure.py, so both sides are timed the same way."""
+    m = [sys.executable, str(MEASURE), "--report", str(report), "--budget", str(budget), "--grace", "120"]
+    if stdout:
+        m += ["--stdout", str(stdout)]
+    if stderr:
+        m += ["--stderr", str(stderr)]
+    subprocess.run(m + ["--"] + cmd, cwd=ROOT, check=False)
+    return json.loads(report.read_text())
+
+
+def seqtool_train(out: Path, minutes: float) -> dict:
+    model_dir = out / "seqtool"
+    cmd = [sys.executable, "-m", "seqtool", "train", "-c", "configs/multi30k_deen.yaml",
+           "--set", f"training.model_dir={model_dir}", "--set", f"training.max_minutes={minutes}"]
+    load0 = os.getloadavg()[0]
+    rep = measure(cmd, out / "train_measure.json", budget=minutes * 60 + 600, stderr=out / "train.log")
+    metrics = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    steady = metrics[1:] or metrics  # the first window includes warm-up
+    return {"tool": "seqtool", "kind": "train", "wall_s": rep["wall_s"], "rc": rep["rc"],
+            "steps": metrics[-1]["step"], "train_time_s": metrics[-1]["time_s"],
+            "train_sent_per_s": round(sum(m["train_sent_per_s"] for m in steady) / len(steady), 1),
+            "train_tgt_tok_per_s": round(sum(m["train_tgt_tok_per_s"] for m in steady) / len(steady), 1),
+            "best_valid_bleu": max(m.get("valid_bleu", 0) for m in metrics),
+            "peak_rss_mb": rep["peak_rss_mb"], "cpu_s": round(rep["cpu_user_s"] + rep["cpu_sys_s"], 1),
+            "load1_start": round(load0, 2), "load1_end": round(os.getloadavg()[0], 2), "model_dir": str(model_dir)}
+
+
+def seqtool_decode(out: Path, model_dir: str, beam: int) -> dict:
+    hyp = out / f"test2016.b{beam}.en"
+    cmd = [sys.executable, "-m", "seqtool", "translate", "-m", model_dir, str(DATA / "test2016.de"),
+           "-o", str(hyp), "--beam", str(beam), "--batch-size", "64"]
+    rep = measure(cmd, out / f"decode_b{beam}.json", stderr=out / f"decode_b{beam}.log")
+    log = (out / f"decode_b{beam}.log").read_text()
+    tool_s = float(re.findall(r"translated \d+ lines in ([\d.]+) s", log)[-1])
+    hyps = hyp.read_text(encoding="utf-8").splitlines()
+    refs = (DATA / "test2016.en").read_text(encoding="utf-8").splitlines()
+    return {"tool": "seqtool", "kind": "decode", "beam": beam, "batch": 64, "n_src": len(hyps),
+            "wall_s": rep["wall_s"], "tool_s": tool_s, "sent_per_s_wall": round(len(hyps) / rep["wall_s"], 1),
+            "sent_per_s_tool": round(len(hyps) / tool_s, 1),
+            "bleu": round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2),
+            "chrf": round(sacrebleu.corpus_chrf(hyps, [refs]).score, 2), "peak_rss_mb": rep["peak_rss_mb"]}
+
+
+def peers(minutes: float) -> list[dict]:
+    proc = subprocess.run(["bash", str(PEERS / "verify.sh"), str(int(minutes * 60))], capture_output=True, text=True)
+    rows = []
+    for line in proc.stdout.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        row["kind"] = "decode" if "beam" in row else "train"
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    ours = {(r["kind"], r.get("beam")): r for r in rows if r["tool"] == "seqtool"}
+    lines = ["| tool | train sent/s | tgt tok/s | train peak RSS MB | BLEU greedy | BLEU beam 5 | beam-5 decode s (tool / wall) | decode peak RSS MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    ratio_lines = ["", "| ratio seqtool / peer | train sent/s | BLEU beam 5 (diff) | beam-5 sent/s (tool) | beam-5 sent/s (wall) |",
+                   "|---|---:|---:|---:|---:|"]
+    for tool in ("seqtool", "joey", "onmt"):
+        tr = next((r for r in rows if r["tool"] == tool and r["kind"] == "train"), None)
+        g = next((r for r in rows if r["tool"] == tool and r["kind"] == "decode" and r["beam"] == 1), None)
+        b = next((r for r in rows if r["tool"] == tool and r["kind"] == "decode" and r["beam"] == 5), None)
+        if not tr:
+            continue
+        lines.append(f"| {tool} | {tr['train_sent_per_s']} | {tr['train_tgt_tok_per_s']} | {tr['peak_rss_mb']} | "
+                     f"{g and g.get('bleu')} | {b and b.get('bleu')} | {b and b.get('tool_s')} / {b and b.get('wall_s')} | "
+                     f"{b and b.get('peak_rss_mb')} |")
+        if tool != "seqtool" and ("train", None) in ours and b and ("decode", 5) in ours:
+            o_tr, o_b = ours[("train", None)], ours[("decode", 5)]
+            lines_r = (f"| vs {tool} | {o_tr['train_sent_per_s'] / tr['train_sent_per_s']:.2f}x | "
+                       f"{o_b['bleu'] - b['bleu']:+.2f} | {o_b['sent_per_s_tool'] / b['sent_per_s_tool']:.2f}x | "
+                       f"{o_b['sent_per_s_wall'] / b['sent_per_s_wall']:.2f}x |")
+            ratio_lines.append(lines_r)
+    return "\n".join(lines + (ratio_lines if len(ratio_lines) > 3 else []))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=20)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_peers")
+    ap.add_argument("--skip-peers", action="store_true")
+    args = ap.parse_args()
+    out = args.out / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True)
+    rows = []
+
+    def keep(row: dict) -> None:
+        rows.append(row)
+        with open(out / "results.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), file=sys.stderr, flush=True)
+
+    train = seqtool_train(out, args.minutes)
+    keep(train)
+    for beam in (1, 5):
+        keep(seqtool_decode(out, train["model_dir"], beam))
+    if not args.skip_peers:
+        for row in peers(args.minutes):
+            keep(row)
+    print(f"Multi30k de-en, {args.minutes:g} min training each, {os.cpu_count()} cores; results in {out}\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
