@@ -1,0 +1,81 @@
+"""The trainer: exact resume, clean stop on signals, and the schedules."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli, tiny_config, write_config
+from seqtool.checkpoint import STATE_FILE, load_state
+from seqtool.config import TrainingConfig, validate
+from seqtool.train import Progress, learning_rate, run_training, update_plateau
+
+SMALL = {"max_steps": 40, "valid_every": 20, "valid_max_sentences": 30, "batch_tokens": 600}
+
+
+def test_resumed_run_matches_uninterrupted_run_bitwise(tmp_path):
+    straight = validate(tiny_config(tmp_path / "a", training=SMALL))
+    run_training(straight, quiet=True)
+    first_half = validate(tiny_config(tmp_path / "b", training={**SMALL, "max_steps": 20}))
+    run_training(first_half, quiet=True)
+    second_half = validate(tiny_config(tmp_path / "b", training=SMALL))
+    run_training(second_half, resume=True, quiet=True)
+    a, _, pa, _ = load_state(tmp_path / "a" / STATE_FILE)
+    b, _, pb, _ = load_state(tmp_path / "b" / STATE_FILE)
+    assert pa["step"] == pb["step"] == 40
+    for (name, wa), (_, wb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(wa, wb), name
+    assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") == 2
+    assert (tmp_path / "b" / "metrics.jsonl").read_text() .count("\n") == 2
+
+
+def test_refuses_to_overwrite_a_run_and_resume_needs_a_run(tmp_path):
+    cfg = tiny_config(tmp_path / "m", training={**SMALL, "max_steps": 5, "valid_every": 5})
+    path = write_config(tmp_path / "c.yaml", cfg)
+    run_cli("train", "-c", str(path), "-q", check=True)
+    again = run_cli("train", "-c", str(path), "-q")
+    assert again.returncode == 1 and "already holds a run" in again.stderr
+    other = write_config(tmp_path / "d.yaml", tiny_config(tmp_path / "none", training=SMALL))
+    proc = run_cli("train", "-c", str(other), "--resume")
+    assert proc.returncode == 1 and "nothing to resume" in proc.stderr
+    changed = run_cli("train", "-c", str(path), "--resume", "--set", "model.hidden_size=48")
+    assert changed.returncode == 2 and "model section differs" in changed.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_resumable_checkpoint_and_exits_zero(tmp_path, sig):
+    cfg = tiny_config(tmp_path / "m", training={**SMALL, "max_steps": 100000, "valid_every": 10})
+    path = write_config(tmp_path / "c.yaml", cfg)
+    proc = subprocess.Popen([sys.executable, "-m", "seqtool", "train", "-c", str(path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "m" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert f"stopped by {sig.name}" in err and "Traceback" not in err
+    _, _, progress, _ = load_state(tmp_path / "m" / STATE_FILE)
+    assert progress["step"] >= 20
+    resumed = run_cli("train", "-c", str(path), "--resume", "--set", f"training.max_steps={progress['step'] + 5}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {progress['step']}" in resumed.stderr
+
+
+def test_schedules():
+    t = TrainingConfig(lr=1.0, schedule="inverse_sqrt", warmup_steps=100, min_lr=0.0)
+    assert learning_rate(t, Progress(step=50)) == pytest.approx(0.5)
+    assert learning_rate(t, Progress(step=100)) == pytest.approx(1.0)
+    assert learning_rate(t, Progress(step=400)) == pytest.approx(0.5)
+    t = TrainingConfig(lr=1.0, schedule="plateau", plateau_patience=1, plateau_factor=0.5, min_lr=0.0)
+    p = Progress()
+    for score in (10, 11, 10, 10, 12):  # higher is better: two misses after 11 halve the rate
+        update_plateau(t, p, score, higher_is_better=True)
+    assert learning_rate(t, p) == pytest.approx(0.5)
+    assert learning_rate(TrainingConfig(lr=1e-3), Progress(step=7)) == pytest.approx(1e-3)
