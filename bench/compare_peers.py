@@ -47,11 +47,15 @@ def seqtool_train(out: Path, minutes: float) -> dict:
     load0 = os.getloadavg()[0]
     rep = measure(cmd, out / "train_measure.json", budget=minutes * 60 + 600, stderr=out / "train.log")
     metrics = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
-    steady = metrics[1:] or metrics  # the first window includes warm-up
+    # Steady state: the windows between validations after the first (warm-up), weighted by their
+    # length; a short last window (the final validation right after the time limit) is left out.
+    steps = [m["step"] - prev["step"] for prev, m in zip([{"step": 0}] + metrics, metrics)]
+    steady = [(n, m) for n, m in zip(steps[1:], metrics[1:]) if n >= 50] or list(zip(steps, metrics))
+    weight = sum(n for n, _ in steady)
     return {"tool": "seqtool", "kind": "train", "wall_s": rep["wall_s"], "rc": rep["rc"],
             "steps": metrics[-1]["step"], "train_time_s": metrics[-1]["time_s"],
-            "train_sent_per_s": round(sum(m["train_sent_per_s"] for m in steady) / len(steady), 1),
-            "train_tgt_tok_per_s": round(sum(m["train_tgt_tok_per_s"] for m in steady) / len(steady), 1),
+            "train_sent_per_s": round(sum(n * m["train_sent_per_s"] for n, m in steady) / weight, 1),
+            "train_tgt_tok_per_s": round(sum(n * m["train_tgt_tok_per_s"] for n, m in steady) / weight, 1),
             "best_valid_bleu": max(m.get("valid_bleu", 0) for m in metrics),
             "peak_rss_mb": rep["peak_rss_mb"], "cpu_s": round(rep["cpu_user_s"] + rep["cpu_sys_s"], 1),
             "load1_start": round(load0, 2), "load1_end": round(os.getloadavg()[0], 2), "model_dir": str(model_dir)}

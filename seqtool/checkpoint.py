@@ -27,6 +27,7 @@ MODEL_FORMAT = "seqtool-model"
 STATE_FORMAT = "seqtool-train-state"
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"  # best model, in a model dir
+STEP_FILE = "step{:08d}.safetensors"  # with training.keep_last: the model at each validation
 STATE_FILE = "train_state.safetensors"  # last model + optimizer, schedule, step, RNG: for --resume
 
 
@@ -194,3 +195,24 @@ def load_state(path: Path) -> tuple[ModelBundle, dict[str, Any], dict[str, Any],
     if "rng.torch" not in tensors or "progress" not in meta:
         raise ModelFileError(f"{path}: incomplete training state")
     return bundle, {"state": state, "param_groups": meta["param_groups"]}, meta["progress"], tensors["rng.torch"]
+
+
+def step_models(model_dir: Path) -> list[Path]:
+    """The per-validation model files of a run, oldest first."""
+    return sorted(Path(model_dir).glob("step" + "[0-9]" * 8 + ".safetensors"))
+
+
+def average_models(paths: list[Path]) -> ModelBundle:
+    """Average the weights of models with the same config and tokenizers (checkpoint averaging)."""
+    bundles = [load_model(p) for p in paths]
+    first = bundles[0]
+    for path, b in zip(paths[1:], bundles[1:]):
+        if b.config.model != first.config.model or b.src_tok.model_bytes != first.src_tok.model_bytes \
+                or b.tgt_tok.model_bytes != first.tgt_tok.model_bytes:
+            raise ModelFileError(f"{path} has another architecture or vocabulary than {paths[0]}; cannot average")
+    states = [b.model.state_dict() for b in bundles]
+    averaged = {k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v
+                for k, v in states[0].items()}
+    first.model.load_state_dict(averaged)
+    first.info = {**bundles[-1].info, "averaged": [str(p) for p in paths]}
+    return first

@@ -34,41 +34,62 @@ def _err(message: str) -> None:
 @app.command()
 def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Experiment YAML (see configs/)."),
+    src: Optional[str] = typer.Option(None, "--src", help="Training source file (data.train_src)."),
+    tgt: Optional[str] = typer.Option(None, "--tgt", help="Training target file (data.train_tgt)."),
+    valid_src: Optional[str] = typer.Option(None, "--valid-src", help="Dev source file (data.valid_src)."),
+    valid_tgt: Optional[str] = typer.Option(None, "--valid-tgt", help="Dev target file (data.valid_tgt)."),
+    model_dir: Optional[str] = typer.Option(None, "--model-dir", "-o", help="Where to write the run (training.model_dir)."),
     overrides: List[str] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in training.model_dir where it stopped."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Train a tokenizer and a model; writes model.safetensors, config.yaml and metrics.jsonl to the model dir.
 
-    Example:  seqtool train -c configs/sample.yaml --set training.max_steps=2000
+    Without -c, the defaults of every key apply (see the README's configuration reference), and the
+    resolved config is written to the model dir for next time.
+
+    Examples:
+
+        seqtool train -c configs/sample.yaml --set training.max_steps=2000
+
+        seqtool train --src train.de --tgt train.en --valid-src dev.de --valid-tgt dev.en -o runs/first
     """
     from seqtool.config import load_config
     from seqtool.train import run_training
 
-    if config is None and not overrides:
-        raise SeqtoolError("give a config with -c FILE (see configs/), or the keys with --set section.key=value")
-    run_training(load_config(config, overrides), resume=resume, quiet=quiet)
+    flags = {"data.train_src": src, "data.train_tgt": tgt, "data.valid_src": valid_src, "data.valid_tgt": valid_tgt,
+             "training.model_dir": model_dir}
+    if config is None and src is None:
+        raise SeqtoolError("give a config with -c FILE (see configs/), or the data with --src and --tgt")
+    cfg = load_config(config, overrides)
+    for key, value in flags.items():
+        if value is not None:  # set as given: a file name is never parsed as YAML
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, value)
+    run_training(cfg, resume=resume, quiet=quiet)
 
 
-def _decoding(bundle, overrides: List[str], beam: Optional[int], nbest: Optional[int], batch_size: Optional[int],
-              length_penalty: Optional[float]):
-    """The model's decoding section with --set overrides and flags applied (validated)."""
+def _decoding(bundle, overrides: List[str], flags: dict):
+    """The model's decoding section with --set overrides and flags (decoding key -> value or None) applied."""
     from seqtool.config import apply_overrides, validate
+    from seqtool.errors import ConfigError
 
+    for expr in overrides:
+        if not expr.startswith("decoding."):
+            raise ConfigError(f"--set {expr}: only decoding.* keys can change at translation time")
     raw = bundle.config.model_dump()
-    for key, value in (("beam_size", beam), ("nbest", nbest), ("batch_size", batch_size), ("length_penalty", length_penalty)):
-        if value is not None:
-            raw["decoding"][key] = value
+    raw["decoding"].update({k: v for k, v in flags.items() if v is not None})
     return validate(apply_overrides(raw, overrides)).decoding
 
 
-def _translator(model: Path, overrides, beam, nbest, batch_size, length_penalty, quiet: bool):
+def _translator(model: Path, overrides: List[str], flags: dict, quiet: bool):
     from seqtool.checkpoint import load_model
     from seqtool.translate import Translator
 
     bundle = load_model(model)
-    decoding = _decoding(bundle, overrides, beam, nbest, batch_size, length_penalty)
-    return Translator(bundle.model, bundle.src_tok, bundle.tgt_tok, decoding, warn=(lambda m: None) if quiet else _err)
+    decoding = _decoding(bundle, overrides, flags)
+    return Translator(bundle.model, bundle.src_tok, bundle.tgt_tok, decoding, bundle.config.data.truncate_src,
+                      warn=(lambda m: None) if quiet else _err)
 
 
 ModelOpt = typer.Option(..., "--model", "-m", help="A model file, or a model dir (uses its model.safetensors).")
@@ -86,21 +107,31 @@ def translate(
     nbest: Optional[int] = typer.Option(None, "--nbest", help="Hypotheses kept per line (shown with --format json)."),
     batch_size: Optional[int] = BatchOpt,
     length_penalty: Optional[float] = LpOpt,
+    sample: bool = typer.Option(False, "--sample", help="Draw tokens at random (with --temperature, --top-k, --top-p, --seed) instead of beam search."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 1)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most probable tokens."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample within the smallest set of this probability mass."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling (same seed, same output)."),
     fmt: str = typer.Option("text", "--format", help="text: one line per input; json: one JSON object per input with n-best and scores."),
     overrides: List[str] = SetOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Translate lines: exactly one output line per input line (empty in, empty out), in order.
 
-    Examples:  seqtool translate -m runs/sample test.src > out.txt
-               cat test.src | seqtool translate -m runs/sample --beam 5
+    Examples:
+
+        seqtool translate -m runs/sample test.src > out.txt
+
+        cat test.src | seqtool translate -m runs/sample --beam 5
     """
     from seqtool.data import iter_lines
     from seqtool.translate import translate_stream
 
     if fmt not in ("text", "json"):
         raise SeqtoolError(f"--format must be text or json, not {fmt!r}")
-    translator = _translator(model, overrides, beam, nbest, batch_size, length_penalty, quiet)
+    flags = {"beam_size": beam, "nbest": nbest, "batch_size": batch_size, "length_penalty": length_penalty,
+             "sample": sample or None, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+    translator = _translator(model, overrides, flags, quiet)
     lines = iter_lines(input)
     start = time.monotonic()
     if output is None:
@@ -123,33 +154,112 @@ def translate(
 
 @app.command()
 def evaluate(
-    ref: Path = typer.Option(..., "--ref", "-r", help="Reference file, line-aligned with the source."),
-    src: Optional[Path] = typer.Option(None, "--src", "-s", help="Source file to translate with --model."),
+    ref: List[Path] = typer.Option(..., "--ref", "-r", help="Reference file, line-aligned; repeat for several references."),
+    src: Optional[Path] = typer.Option(None, "--src", "-s", help="Source file: translated with --model, and used by couplet metrics."),
     hyp: Optional[Path] = typer.Option(None, "--hyp", help="Score this existing output instead of translating."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model file or dir (with --src)."),
     beam: Optional[int] = BeamOpt,
     batch_size: Optional[int] = BatchOpt,
     length_penalty: Optional[float] = LpOpt,
-    metrics: str = typer.Option("bleu,chrf", "--metrics", help="Comma-separated: bleu, chrf."),
+    metrics: str = typer.Option("bleu,chrf", "--metrics", help="Comma-separated: bleu, chrf, bleu_char, rouge, couplet."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object instead of text."),
     overrides: List[str] = SetOpt,
 ) -> None:
-    """Score translations with sacrebleu (BLEU 13a cased, chrF): translate --src with --model, or score --hyp.
+    """Score output: translate --src with --model, or score an existing --hyp file.
 
-    Example:  seqtool evaluate -m runs/sample --src sample_data/test.src --ref sample_data/test.tgt
+    BLEU (13a, cased) and chrF come from sacrebleu, ROUGE from rouge-score (stemmed F1; best over
+    references per example). Couplet metrics: exact_length, punct_agreement, copy_rate (need --src).
+
+    Examples:
+
+        seqtool evaluate -m runs/sample --src sample_data/test.src --ref sample_data/test.tgt
+
+        seqtool evaluate --hyp out.txt --ref test.ann0 --ref test.ann1 --metrics rouge
     """
-    from seqtool.data import read_lines
-    from seqtool.metrics import corpus_scores
+    import json
 
-    refs = read_lines(ref)
+    from seqtool.data import read_lines
+    from seqtool.metrics import score
+
+    refs = [read_lines(r) for r in ref]
+    srcs = read_lines(src) if src is not None else None
     if hyp is not None:
         hyps = read_lines(hyp)
-    elif src is not None and model is not None:
-        translator = _translator(model, overrides, beam, None, batch_size, length_penalty, quiet=False)
-        hyps = [t.text for t in translator.translate(read_lines(src))]
+    elif srcs is not None and model is not None:
+        flags = {"beam_size": beam, "batch_size": batch_size, "length_penalty": length_penalty}
+        translator = _translator(model, overrides, flags, quiet=False)
+        hyps = [t.text for t in translator.translate(srcs)]
     else:
         raise SeqtoolError("give --hyp FILE, or --model and --src to translate")
-    for score in corpus_scores(hyps, refs, tuple(m.strip() for m in metrics.split(",") if m.strip())):
-        print(f"{score.name.upper()} = {score.value:.2f}  ({score.signature})")
+    results = score(hyps, refs, [m.strip() for m in metrics.split(",") if m.strip()], srcs)
+    if as_json:
+        print(json.dumps({"references": [str(r) for r in ref], "n": len(hyps),
+                          "scores": {s.name: round(s.value, 2) for s in results},
+                          "signatures": {s.name: s.signature for s in results if s.signature}}))
+        return
+    print(f"references: {', '.join(str(r) for r in ref)} ({len(hyps)} lines)")
+    for s in results:
+        print(f"{s.name} = {s.value:.2f}" + (f"  ({s.signature})" if s.signature else ""))
+
+
+@app.command()
+def average(
+    model_dir: Path = typer.Argument(..., help="A run trained with training.keep_last > 0."),
+    output: Path = typer.Option(..., "--output", "-o", help="The averaged model file to write."),
+    last: int = typer.Option(5, "--last", "-n", help="Average this many most recent validation checkpoints."),
+) -> None:
+    """Average the weights of the last N checkpoints of a run into one model file (often +0.5 BLEU).
+
+    Example:
+
+        seqtool train -c configs/sample.yaml --set training.keep_last=5 && seqtool average runs/sample -o avg.safetensors
+    """
+    from seqtool.checkpoint import average_models, save_model, step_models
+
+    if last < 1:
+        raise SeqtoolError("--last must be at least 1")
+    paths = step_models(model_dir)[-last:]
+    if not paths:
+        raise SeqtoolError(f"no step*.safetensors checkpoints in {model_dir}; train with --set training.keep_last=N")
+    save_model(output, average_models(paths))
+    print(f"{output}: average of {len(paths)} checkpoints ({paths[0].name} .. {paths[-1].name})", file=sys.stderr)
+
+
+@app.command()
+def info(
+    model: Path = typer.Argument(..., help="A model file, or a model dir."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object instead of text."),
+) -> None:
+    """Show a model card: architecture, parameters, vocabularies, training data, steps and best scores.
+
+    Example:
+
+        seqtool info runs/sample
+    """
+    import json
+
+    from seqtool.checkpoint import FORMAT_VERSION, load_model, resolve_model_path
+
+    bundle = load_model(model)
+    m = bundle.config.model
+    card = {
+        "file": str(resolve_model_path(model)),
+        "format_version": FORMAT_VERSION,
+        "architecture": f"{m.cell} encoder {m.encoder_layers}x{m.encoder_hidden_size}"
+        f"{' bidirectional' if m.bidirectional else ''}, decoder {m.decoder_layers}x{m.hidden_size}, "
+        f"context {m.context}" + (f" ({m.attention}{', input feeding' if m.input_feeding else ''})" if m.context == "attention" else ""),
+        "parameters": sum(p.numel() for p in bundle.model.parameters()),
+        "vocab": {"src": bundle.src_tok.vocab_size, "tgt": bundle.tgt_tok.vocab_size,
+                  "tokenizer": bundle.config.tokenizer.type, "joint": bundle.src_tok is bundle.tgt_tok},
+        **{k: v for k, v in bundle.info.items() if k != "params"},
+        "config": bundle.config.model_dump(),
+    }
+    if as_json:
+        print(json.dumps(card, ensure_ascii=False))
+        return
+    for key, value in card.items():
+        if key != "config":
+            print(f"{key}: {json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else value}")
 
 
 @tokenizer_app.command("train")
@@ -159,7 +269,12 @@ def tokenizer_train(
     type: str = typer.Option("bpe", "--type", help="bpe, unigram, char, or word (text already split by spaces)."),
     vocab_size: int = typer.Option(8000, "--vocab-size", help="Upper bound on the number of pieces."),
 ) -> None:
-    """Train a sentencepiece model.  Example:  seqtool tokenizer train train.de train.en -o joint.spm"""
+    """Train a sentencepiece model.
+
+    Example:
+
+        seqtool tokenizer train train.de train.en -o joint.spm --vocab-size 8000
+    """
     from seqtool.checkpoint import atomic_write
     from seqtool.config import validate
     from seqtool.data import iter_lines
@@ -190,13 +305,23 @@ TokModelOpt = typer.Option(..., "--model", "-m", help="A sentencepiece model, or
 
 @tokenizer_app.command("encode")
 def tokenizer_encode(input: str = typer.Argument("-", help="Text file, or '-' for stdin."), model: Path = TokModelOpt) -> None:
-    """Text -> space-separated pieces, one line per line."""
+    """Text -> space-separated pieces, one line per line.
+
+    Example:
+
+        seqtool tokenizer encode -m runs/sample sample_data/test.src | head
+    """
     _tokenizer_io(model, input, lambda tok, line: " ".join(tok.pieces(line)))
 
 
 @tokenizer_app.command("decode")
 def tokenizer_decode(input: str = typer.Argument("-", help="Pieces file, or '-' for stdin."), model: Path = TokModelOpt) -> None:
-    """Space-separated pieces -> text, one line per line."""
+    """Space-separated pieces -> text, one line per line.
+
+    Example:
+
+        seqtool tokenizer encode -m runs/sample test.src | seqtool tokenizer decode -m runs/sample
+    """
     _tokenizer_io(model, input, lambda tok, line: tok.decode_pieces(line.split()))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from seqtool.errors import ConfigError
 
@@ -26,6 +26,7 @@ class DataConfig(Section):
     valid_tgt: Optional[str] = None
     max_src_len: int = Field(100, gt=0, description="training pairs with more source tokens are dropped")
     max_tgt_len: int = Field(100, gt=0, description="training pairs with more target tokens are dropped")
+    truncate_src: int = Field(0, ge=0, description="cut sources to this many tokens (training and decoding); 0 = off")
 
 
 class TokenizerConfig(Section):
@@ -69,15 +70,28 @@ class TrainingConfig(Section):
     valid_every: int = Field(500, gt=0)
     valid_max_sentences: int = Field(0, ge=0, description="decode only this many dev lines for BLEU; 0 = all")
     keep_best_by: Literal["bleu", "loss"] = "bleu"
+    keep_last: int = Field(0, ge=0, le=1000, description="also keep the models of the last N validations (seqtool average)")
     patience: int = Field(10, ge=0, description="validations without improvement before stopping; 0 = never")
     threads: int = Field(0, ge=0, description="torch threads; 0 = one per core")
+    on_nan: Literal["skip", "stop"] = Field("skip", description="a batch whose loss is NaN/inf: skip it, or stop training")
 
 
 class DecodingConfig(Section):
     beam_size: int = Field(5, gt=0, le=256)
     length_penalty: float = Field(1.0, ge=0.0, le=10.0, description="GNMT alpha; 0 = raw log-probability")
+    coverage_penalty: float = Field(0.0, ge=0.0, le=10.0, description="GNMT beta (attention models, beam search)")
     max_len_a: float = Field(1.5, ge=0.0, le=100.0)
     max_len_b: int = Field(10, ge=0, le=10000)
+    min_len: int = Field(1, ge=0, le=10000, description="fewest output tokens")
+    max_len: int = Field(0, ge=0, le=100000, description="most output tokens; 0 = only max_len_a/b")
+    no_repeat_ngram: int = Field(0, ge=0, le=100, description="block repeating n-grams of this size; 0 = off")
+    sample: bool = Field(False, description="draw tokens at random instead of searching (beam_size is then ignored)")
+    temperature: float = Field(1.0, gt=0.0, le=100.0)
+    top_k: int = Field(0, ge=0, description="sample among the k most probable tokens; 0 = all")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="sample within the smallest set of this probability mass")
+    seed: int = Field(0, description="seed for sampling")
+    exact_length: bool = Field(False, description="output exactly as many tokens as the input (couplets)")
+    copy_punctuation: bool = Field(False, description="punctuation of the input at the same positions (needs exact_length)")
     nbest: int = Field(1, gt=0)
     batch_size: int = Field(64, gt=0, le=100000, description="sentences per decoding batch")
     buffer_lines: int = Field(2000, gt=0, description="lines read ahead and sorted by length")
@@ -90,6 +104,15 @@ class Config(Section):
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
     decoding: DecodingConfig = DecodingConfig()
+
+    @model_validator(mode="after")
+    def _constraints_need_one_token_per_character(self) -> "Config":
+        d = self.decoding
+        if d.copy_punctuation and not d.exact_length:
+            raise ValueError("decoding.copy_punctuation needs decoding.exact_length: true")
+        if d.exact_length and self.tokenizer.type != "word":
+            raise ValueError("decoding.exact_length needs tokenizer.type word (one token per character, as couplets)")
+        return self
 
 
 def _section_fields(loc: tuple) -> list[str]:
@@ -110,6 +133,8 @@ def _describe(err: dict) -> str:
         close = difflib.get_close_matches(str(loc[-1]), _section_fields(loc), n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         return f"unknown key {name}{hint}"
+    if err["type"] == "value_error":  # cross-field checks say their own names
+        return err["msg"].removeprefix("Value error, ")
     return f"{name}: {err['msg']} (got {err['input']!r})"
 
 

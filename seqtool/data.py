@@ -91,11 +91,15 @@ def encode_pairs(
     tgt_tok: Tokenizer,
     max_src_len: int,
     max_tgt_len: int,
+    truncate_src: int = 0,
 ) -> Examples:
-    """Encode pairs, dropping empty ones and those over the length limits (counted, for the log)."""
+    """Encode pairs, cutting sources to `truncate_src` tokens (if set), then dropping empty pairs and
+    those over the length limits (counted, for the log)."""
     src_ids, tgt_ids = src_tok.encode_batch(list(src_lines)), tgt_tok.encode_batch(list(tgt_lines))
     out = Examples([], [])
     for s, t in zip(src_ids, tgt_ids):
+        if truncate_src:
+            s = s[:truncate_src]
         if not s or not t:
             out.dropped_empty += 1
         elif len(s) > max_src_len or len(t) > max_tgt_len:

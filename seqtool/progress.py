@@ -11,7 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 
 class Reporter:
-    def __init__(self, total: Optional[int], quiet: bool = False, log_every: int = 100):
+    def __init__(self, quiet: bool = False, log_every: int = 100):
         self.console = Console(stderr=True, highlight=False)
         self.quiet = quiet
         self.log_every = log_every
@@ -23,7 +23,7 @@ class Reporter:
                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                 console=self.console, transient=False,
             )
-            self.task = self.bar.add_task("train", total=total, stats="")
+            self.task = self.bar.add_task("train", total=None, stats="")
             self.bar.start()
         self._last_log = time.monotonic()
 
@@ -36,6 +36,10 @@ class Reporter:
             self.bar.update(self.task, completed=step, stats=stats)
         elif step % self.log_every == 0:
             self.log(f"step {step} {stats}")
+
+    def set_total(self, total: Optional[int]) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, total=total)
 
     def close(self) -> None:
         if self.bar is not None:

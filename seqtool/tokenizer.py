@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import re
+import unicodedata
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterable, Iterator
 
 import sentencepiece as spm
@@ -59,6 +61,17 @@ class Tokenizer:
 
     def decode_pieces(self, pieces: list[str]) -> str:
         return self.sp.decode_pieces(pieces)
+
+    @cached_property
+    def punctuation(self) -> dict[str, int]:
+        """Pieces made only of punctuation (，。！ etc., with or without the word marker) -> ids."""
+        out = {}
+        for i in range(self.vocab_size):
+            text = self.sp.id_to_piece(i).lstrip("\u2581")
+            if text and not self.sp.is_control(i) and not self.sp.is_byte(i) and \
+                    all(unicodedata.category(c).startswith("P") for c in text):
+                out[self.sp.id_to_piece(i)] = i
+        return out
 
 
 def train_tokenizer(lines: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:

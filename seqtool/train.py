@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from seqtool import __version__
-from seqtool.checkpoint import MODEL_FILE, STATE_FILE, ModelBundle, load_state, save_model, save_state
+from seqtool.checkpoint import (MODEL_FILE, STATE_FILE, STEP_FILE, ModelBundle, load_state, save_model, save_state,
+                                step_models)
 from seqtool.config import Config, TrainingConfig, dump_config
 from seqtool.data import Examples, encode_pairs, epoch_batches, make_batch, read_pairs
 from seqtool.errors import ConfigError, SeqtoolError
@@ -62,6 +63,15 @@ def update_plateau(cfg: TrainingConfig, progress: Progress, score: float, higher
         if progress.plateau_bad > cfg.plateau_patience:
             progress.lr_scale *= cfg.plateau_factor
             progress.plateau_bad = 0
+
+
+def limit_reached(cfg: TrainingConfig, progress: Progress) -> str:
+    """Why training must stop now because of max_steps / max_minutes, or ''."""
+    if cfg.max_steps and progress.step >= cfg.max_steps:
+        return f"reached training.max_steps={cfg.max_steps}"
+    if cfg.max_minutes and progress.elapsed_s >= cfg.max_minutes * 60:
+        return f"reached training.max_minutes={cfg.max_minutes:g}"
+    return ""
 
 
 def check_data_paths(cfg: Config) -> None:
@@ -153,10 +163,15 @@ class Trainer:
             "best": {self.cfg.training.keep_best_by: p.best, "step": p.best_step}, "last_valid": p.last_valid,
         }
 
-    def save_checkpoint(self, best: bool) -> None:
+    def save_checkpoint(self, best: bool, validated: bool = True) -> None:
         self.bundle.info = self._info()
         if best or not (self.dir / MODEL_FILE).exists():
             save_model(self.dir / MODEL_FILE, self.bundle)
+        keep = self.cfg.training.keep_last
+        if keep and validated:
+            save_model(self.dir / STEP_FILE.format(self.progress.step), self.bundle)
+            for old in step_models(self.dir)[:-keep]:
+                old.unlink()
         save_state(self.dir / STATE_FILE, self.bundle, self.optimizer, asdict(self.progress))
 
     # -- validation ----------------------------------------------------------------------------
@@ -171,7 +186,7 @@ class Trainer:
             loss, ppl = validation_loss(model, self.valid, t.batch_tokens)
             n = t.valid_max_sentences or len(self.valid_src)
             decoding = self.cfg.decoding.model_copy(update={"beam_size": 1, "nbest": 1})
-            translator = Translator(model, self.bundle.src_tok, self.bundle.tgt_tok, decoding)
+            translator = Translator(model, self.bundle.src_tok, self.bundle.tgt_tok, decoding, self.cfg.data.truncate_src)
             hyps = [tr.text for tr in translator.translate(self.valid_src[:n])]
             record.update(valid_loss=round(loss, 4), valid_ppl=round(ppl, 2), valid_bleu=round(bleu(hyps, self.valid_ref[:n]), 2))
             score = record["valid_bleu"] if t.keep_best_by == "bleu" else loss
@@ -180,7 +195,7 @@ class Trainer:
         model.train()
         higher = t.keep_best_by == "bleu" and self.valid is not None
         p = self.progress
-        improved = p.best is None or (score > p.best if higher else score < p.best)
+        improved = math.isfinite(score) and (p.best is None or (score > p.best if higher else score < p.best))
         if improved:
             p.best, p.best_step, p.bad_validations = score, p.step, 0
         else:
@@ -203,13 +218,16 @@ class Trainer:
         start = time.monotonic() - p.elapsed_s
         window = {"loss": 0.0, "tokens": 0, "sents": 0, "t0": time.monotonic()}
         last_rates = (0.0, 0.0)
-        reason = ""
+        first_step = p.step
+        reason = limit_reached(t, p)  # a finished run resumed with the same limits does nothing
         with StopFlag() as stop:
             while not reason:
                 if t.max_epochs and p.epoch >= t.max_epochs:
                     reason = f"reached training.max_epochs={t.max_epochs}"
                     break
                 batches = epoch_batches(self.train, t.batch_tokens, seed=t.seed + p.epoch)
+                limits = [n for n in (t.max_steps, t.max_epochs * len(batches)) if n]
+                self.reporter.set_total(min(limits) if limits else None)
                 while p.batch_in_epoch < len(batches):
                     idx = batches[p.batch_in_epoch]
                     batch = make_batch([self.train.src[i] for i in idx], [self.train.tgt[i] for i in idx])
@@ -218,7 +236,10 @@ class Trainer:
                     loss = batch_loss(model, batch, t.label_smoothing)
                     self.optimizer.zero_grad(set_to_none=True)
                     if not torch.isfinite(loss):
-                        self.reporter.log(f"step {p.step + 1}: loss is {loss.item()}; batch skipped")
+                        if t.on_nan == "stop":
+                            raise SeqtoolError(f"step {p.step + 1}: loss is {loss.item()}; stopped (training.on_nan=stop); "
+                                               f"the checkpoints in {self.dir} are from before it")
+                        self.reporter.log(f"step {p.step + 1}: loss is {loss.item()}; batch skipped (training.on_nan=skip)")
                     else:
                         (loss / batch.n_tgt_tokens).backward()
                         if t.clip_grad_norm > 0:
@@ -238,12 +259,10 @@ class Trainer:
                         last_rates = (sent_s, tok_s)
                         improved = self.validate(window["loss"] / max(window["tokens"], 1), sent_s, tok_s)
                         window = {"loss": 0.0, "tokens": 0, "sents": 0, "t0": time.monotonic()}
+                        p.elapsed_s = time.monotonic() - start  # validation time counts against max_minutes
                         if not improved and t.patience and p.bad_validations >= t.patience:
                             reason = f"early stopping: no improvement in {t.patience} validations"
-                    if t.max_steps and p.step >= t.max_steps:
-                        reason = reason or f"reached training.max_steps={t.max_steps}"
-                    if t.max_minutes and p.elapsed_s >= t.max_minutes * 60:
-                        reason = reason or f"reached training.max_minutes={t.max_minutes}"
+                    reason = reason or limit_reached(t, p)
                     if stop.signal:
                         reason = f"stopped by {stop.signal}"
                     if reason:
@@ -252,8 +271,8 @@ class Trainer:
                     p.epoch += 1
                     p.batch_in_epoch = 0
         if stop.signal:
-            self.save_checkpoint(best=False)
-        elif p.step % t.valid_every != 0:
+            self.save_checkpoint(best=False, validated=False)
+        elif p.step % t.valid_every != 0 and p.step > first_step:
             dt = max(time.monotonic() - window["t0"], 1e-9)
             rates = (window["sents"] / dt, window["tokens"] / dt) if window["tokens"] else last_rates
             self.validate(window["loss"] / max(window["tokens"], 1), *rates)
@@ -291,7 +310,8 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool) -> Trainer:
         src_tok, tgt_tok = build_tokenizers(cfg, src_lines, tgt_lines)
         model = build_model(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size)
         bundle = ModelBundle(model, cfg, src_tok, tgt_tok, {})
-    train = encode_pairs(src_lines, tgt_lines, bundle.src_tok, bundle.tgt_tok, cfg.data.max_src_len, cfg.data.max_tgt_len)
+    train = encode_pairs(src_lines, tgt_lines, bundle.src_tok, bundle.tgt_tok, cfg.data.max_src_len, cfg.data.max_tgt_len,
+                         cfg.data.truncate_src)
     reporter.log(f"{len(train)} training pairs ({train.dropped_long} over the length limits and "
                  f"{train.dropped_empty} with an empty side dropped)")
     if not len(train):
@@ -299,7 +319,7 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool) -> Trainer:
     valid, valid_src, valid_ref = None, [], []
     if cfg.data.valid_src:
         valid_src, valid_ref = read_pairs(cfg.data.valid_src, cfg.data.valid_tgt)
-        valid = encode_pairs(valid_src, valid_ref, bundle.src_tok, bundle.tgt_tok, 1 << 30, 1 << 30)
+        valid = encode_pairs(valid_src, valid_ref, bundle.src_tok, bundle.tgt_tok, 1 << 30, 1 << 30, cfg.data.truncate_src)
     (model_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     params = sum(t.numel() for t in bundle.model.parameters())
     reporter.log(f"model: {cfg.model.cell} {cfg.model.context}, {params:,} parameters, vocab "
@@ -313,8 +333,7 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool) -> Trainer:
 
 
 def run_training(cfg: Config, resume: bool = False, quiet: bool = False) -> Trainer:
-    total = cfg.training.max_steps or None
-    reporter = Reporter(total, quiet=quiet)
+    reporter = Reporter(quiet=quiet)
     try:
         trainer = prepare(cfg, reporter, resume)
         reason = trainer.run()

@@ -18,7 +18,7 @@ import torch
 from seqtool.config import DecodingConfig
 from seqtool.data import make_batch
 from seqtool.model.seq2seq import Seq2Seq
-from seqtool.search import Hypothesis, beam_search, greedy
+from seqtool.search import Hypothesis, Rules, beam_search, greedy, make_rules, sampler
 from seqtool.tokenizer import Tokenizer
 
 
@@ -34,16 +34,31 @@ class Translator:
     src_tok: Tokenizer
     tgt_tok: Tokenizer
     decoding: DecodingConfig
+    truncate_src: int = 0  # data.truncate_src: sources are cut to this many tokens, silently
     warn: Callable[[str], None] = lambda message: None
+
+    def rules(self, ids: list[list[int]]) -> Rules:
+        d = self.decoding
+        forced, free_banned = None, None
+        if d.exact_length:
+            src_p, tgt_p = self.src_tok.punctuation, self.tgt_tok.punctuation
+            to_tgt = {i: tgt_p[piece] for piece, i in src_p.items() if piece in tgt_p} if d.copy_punctuation else {}
+            forced = [[to_tgt.get(i, -1) for i in s] for s in ids]
+            free_banned = list(tgt_p.values()) if d.copy_punctuation else None
+        return make_rules([len(s) for s in ids], self.tgt_tok.vocab_size, d.max_len_a, d.max_len_b, d.min_len,
+                          d.max_len, forced, free_banned, d.no_repeat_ngram)
 
     def search(self, ids: list[list[int]]) -> list[list[Hypothesis]]:
         """Decode a batch of non-empty id sequences."""
         batch = make_batch(ids, [[0]] * len(ids))
-        d = self.decoding
+        d, rules = self.decoding, self.rules(ids)
+        if d.sample:
+            pick = sampler(d.temperature, d.top_k, d.top_p, d.seed)
+            return greedy(self.model, batch.src, batch.src_lens, rules, d.length_penalty, pick)
         if d.beam_size == 1 and d.nbest == 1:
-            return greedy(self.model, batch.src, batch.src_lens, d.max_len_a, d.max_len_b, d.length_penalty)
-        return beam_search(self.model, batch.src, batch.src_lens, d.beam_size, d.max_len_a, d.max_len_b,
-                           d.length_penalty, d.nbest)
+            return greedy(self.model, batch.src, batch.src_lens, rules, d.length_penalty)
+        return beam_search(self.model, batch.src, batch.src_lens, rules, d.beam_size, d.length_penalty, d.nbest,
+                           d.coverage_penalty)
 
     def translate(self, lines: list[str], first_lineno: int = 1) -> list[Translation]:
         """Translate lines in any order of length; the result has one entry per line, in order."""
@@ -54,6 +69,8 @@ class Translator:
             if not line.strip():
                 continue
             ids = self.src_tok.encode(line)
+            if self.truncate_src:
+                ids = ids[: self.truncate_src]
             if len(ids) > limit:
                 self.warn(f"line {first_lineno + i}: {len(ids)} tokens, truncated to {limit} (decoding.max_input_tokens)")
                 ids = ids[:limit]

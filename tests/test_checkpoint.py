@@ -101,3 +101,15 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     atomic_write(target, b"two")
     assert target.read_bytes() == b"two"
     assert os.listdir(tmp_path) == ["f"]
+
+
+def test_separate_vocabularies_travel_in_the_file(tmp_path):
+    cfg = validate({"model": {"embedding_size": 8, "encoder_hidden_size": 8, "hidden_size": 16},
+                    "tokenizer": {"vocab_size": 400, "joint": False}})
+    src_tok = train_tokenizer([f"quelle {i} wort" for i in range(100)], cfg.tokenizer)
+    tgt_tok = train_tokenizer([f"target {i} word other" for i in range(100)], cfg.tokenizer)
+    bundle = ModelBundle(build_model(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size), cfg, src_tok, tgt_tok, {})
+    save_model(tmp_path / "m.safetensors", bundle)
+    loaded = load_model(tmp_path / "m.safetensors")
+    assert loaded.src_tok.model_bytes == src_tok.model_bytes and loaded.tgt_tok.model_bytes == tgt_tok.model_bytes
+    assert loaded.src_tok is not loaded.tgt_tok

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT, SAMPLE, read_metrics, run_cli
+from conftest import ROOT, SAMPLE, read_metrics, run_cli, tiny_config, write_config
 
 
 def test_training_learned_the_sample_task(trained_model):
@@ -22,9 +22,24 @@ def test_training_learned_the_sample_task(trained_model):
 def test_evaluate_beam_on_test_set(trained_model):
     proc = run_cli("evaluate", "-m", str(trained_model), "--src", str(SAMPLE / "test.src"),
                    "--ref", str(SAMPLE / "test.tgt"), "--beam", "5", check=True)
-    bleu = float(re.search(r"BLEU = ([\d.]+)", proc.stdout).group(1))
+    bleu = float(re.search(r"bleu = ([\d.]+)", proc.stdout).group(1))
     assert bleu > 40, proc.stdout
-    assert "CHRF" in proc.stdout and "tok:13a" in proc.stdout
+    assert "chrf = " in proc.stdout and "tok:13a" in proc.stdout and "test.tgt" in proc.stdout
+
+
+def test_evaluate_existing_output_with_several_references_as_json(trained_model, tmp_path):
+    import json
+
+    refs = (SAMPLE / "test.tgt").read_text().splitlines()[:50]
+    (tmp_path / "ref1").write_text("\n".join(refs) + "\n")
+    (tmp_path / "ref2").write_text("\n".join(r.upper() for r in refs) + "\n")
+    (tmp_path / "hyp").write_text("\n".join(refs) + "\n")
+    proc = run_cli("evaluate", "--hyp", str(tmp_path / "hyp"), "--ref", str(tmp_path / "ref2"), "--ref",
+                   str(tmp_path / "ref1"), "--metrics", "bleu,rouge", "--json", check=True)
+    result = json.loads(proc.stdout)
+    assert result["scores"]["bleu"] == 100.0 and result["scores"]["rouge1"] == 100.0
+    assert result["references"] == [str(tmp_path / "ref2"), str(tmp_path / "ref1")]
+    assert "nrefs:2" in result["signatures"]["bleu"]
 
 
 def test_translate_file_keeps_lines_and_order(trained_model, tmp_path):
@@ -80,3 +95,67 @@ def test_tokenizer_commands_round_trip(trained_model, tmp_path):
     spm = tmp_path / "t.spm"
     run_cli("tokenizer", "train", str(SAMPLE / "valid.src"), "-o", str(spm), "--vocab-size", "400", check=True)
     assert run_cli("tokenizer", "encode", "-m", str(spm), input=text, check=True).stdout.strip()
+
+
+def test_info_model_card(trained_model):
+    import json
+
+    text = run_cli("info", str(trained_model), check=True).stdout
+    assert "parameters:" in text and "context attention" in text
+    card = json.loads(run_cli("info", str(trained_model), "--json", check=True).stdout)
+    assert card["step"] in (350, 700) and card["format_version"] == 1 and card["vocab"]["joint"] is True
+    assert card["best"]["bleu"] > 40 and card["config"]["model"]["hidden_size"] == 32
+
+
+def test_train_without_a_config(tmp_path):
+    src, tgt = tmp_path / "a.src", tmp_path / "a.tgt"
+    src.write_text("".join(line + "\n" for line in (SAMPLE / "train.src").read_text().splitlines()[:300]))
+    tgt.write_text("".join(line + "\n" for line in (SAMPLE / "train.tgt").read_text().splitlines()[:300]))
+    run_cli("train", "--src", str(src), "--tgt", str(tgt), "-o", str(tmp_path / "run"), "-q",
+            "--set", "training.max_steps=3", "--set", "model.hidden_size=16", "--set", "tokenizer.vocab_size=400",
+            check=True)
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    written = (tmp_path / "run" / "config.yaml").read_text()
+    assert str(src) in written and "hidden_size: 16" in written
+    assert run_cli("translate", "-m", str(tmp_path / "run"), "-b", "1", input="zuza\n", check=True).stdout.count("\n") == 1
+
+
+def test_sampling_from_the_cli_is_seeded(trained_model):
+    lines = "".join(line + "\n" for line in (SAMPLE / "test.src").read_text().splitlines()[:10])
+    args = ("translate", "-m", str(trained_model), "--sample", "--temperature", "1.5", "--top-p", "0.95")
+    a = run_cli(*args, "--seed", "1", input=lines, check=True).stdout
+    b = run_cli(*args, "--seed", "1", input=lines, check=True).stdout
+    assert a == b and a.count("\n") == 10
+
+
+def test_couplet_constraints_end_to_end(tmp_path):
+    """A `word` tokenizer model decodes with exact length and punctuation in place, from the CLI."""
+    import random
+
+    rng = random.Random(0)
+    chars = [chr(0x4E00 + i) for i in range(60)]
+    punct = "，、；"
+    src, tgt = [], []
+    for _ in range(400):
+        n = rng.randint(3, 9)
+        line = [rng.choice(chars) for _ in range(n)]
+        if n > 4 and rng.random() < 0.6:
+            line[rng.randint(1, n - 2)] = rng.choice(punct)
+        src.append(" ".join(line))
+        tgt.append(" ".join(c if c in punct else chars[(chars.index(c) + 7) % 60] for c in line))
+    (tmp_path / "s").write_text("\n".join(src) + "\n")
+    (tmp_path / "t").write_text("\n".join(tgt) + "\n")
+    cfg = tiny_config(tmp_path / "m", data={"train_src": str(tmp_path / "s"), "train_tgt": str(tmp_path / "t"),
+                                            "valid_src": None, "valid_tgt": None},
+                      tokenizer={"type": "word", "vocab_size": 100},
+                      training={"max_steps": 5, "valid_every": 5},
+                      decoding={"exact_length": True, "copy_punctuation": True, "length_penalty": 0.0})
+    run_cli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg)), "-q", check=True)
+    inputs = ["一 丁 ， 七 万", "丈 三 上 下 不 与 丐", "丑 、 专", "一"]
+    for beam in ("1", "4"):
+        out = run_cli("translate", "-m", str(tmp_path / "m"), "-b", beam, input="\n".join(inputs) + "\n", check=True)
+        for line, hyp in zip(inputs, out.stdout.splitlines()):
+            s, h = line.split(), hyp.split()
+            assert len(h) == len(s), (line, hyp)
+            assert [(i, c) for i, c in enumerate(h) if c in punct] == [(i, c) for i, c in enumerate(s) if c in punct]
+            assert "⁇" not in hyp and "<unk>" not in hyp

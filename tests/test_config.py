@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from seqtool.config import ConfigError, load_config, parse_override, validate
@@ -52,3 +54,17 @@ def test_bad_yaml_and_missing_file(tmp_path):
     top.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(top)
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_are_valid_and_point_at_data(path):
+    cfg = load_config(path)
+    root = path.parents[1]
+    paths = [cfg.data.train_src, cfg.data.train_tgt, cfg.data.valid_src, cfg.data.valid_tgt]
+    if any(p.startswith("../shared") for p in paths) and not (root.parent / "shared" / "data").is_dir():
+        pytest.skip("../shared/data is not here")
+    for p in paths:
+        assert (root / p).is_file(), p

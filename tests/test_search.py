@@ -1,4 +1,4 @@
-"""Search invariants: beam 1 == greedy, batch == one by one, limits, n-best order."""
+"""Search invariants: beam 1 == greedy, batch == one by one, limits, n-best order, constraints."""
 
 import pytest
 import torch
@@ -7,8 +7,11 @@ from hypothesis import strategies as st
 
 from seqtool.config import ModelConfig
 from seqtool.data import make_batch
-from seqtool.search import beam_search, greedy, length_penalty
+from seqtool.model.seq2seq import build_model
+from seqtool.search import beam_search, greedy, length_penalty, make_rules
+from seqtool.tokenizer import BOS, EOS, PAD, UNK
 
+V = 40
 MODELS = {}
 
 
@@ -16,24 +19,28 @@ def model_for(cell, context):
     if (cell, context) not in MODELS:
         torch.manual_seed(len(MODELS) + 1)
         cfg = ModelConfig(cell=cell, context=context, embedding_size=16, encoder_hidden_size=16, hidden_size=32, dropout=0.0)
-        model = MODELS[(cell, context)] = __import__("seqtool.model.seq2seq", fromlist=["x"]).build_model(cfg, 40, 40).eval()
-        # Sharpen the output layer so the untrained model has clear preferences (fewer near-ties).
-        with torch.no_grad():
+        model = MODELS[(cell, context)] = build_model(cfg, V, V).eval()
+        with torch.no_grad():  # sharpen the output layer: clear preferences, fewer near-ties
             model.output.weight.mul_(4)
     return MODELS[(cell, context)]
 
 
-sources = st.lists(st.lists(st.integers(4, 39), min_size=1, max_size=12), min_size=1, max_size=6)
+def run(search, srcs, which=("gru", "attention"), **rule_args):
+    model = model_for(*which)
+    b = make_batch(srcs, [[4]] * len(srcs))
+    args = {"max_len_a": 1.5, "max_len_b": 4, **rule_args}
+    return search(model, b.src, b.src_lens, make_rules([len(s) for s in srcs], V, **args))
+
+
+sources = st.lists(st.lists(st.integers(4, V - 1), min_size=1, max_size=12), min_size=1, max_size=6)
 models = st.sampled_from([("gru", "attention"), ("lstm", "init"), ("rnn", "every_step")])
 
 
 @settings(max_examples=40, deadline=None)
-@given(sources, models)
-def test_beam_one_equals_greedy(srcs, which):
-    model = model_for(*which)
-    b = make_batch(srcs, [[4]] * len(srcs))
-    g = greedy(model, b.src, b.src_lens, 1.5, 4)
-    bs = beam_search(model, b.src, b.src_lens, 1, 1.5, 4, alpha=0.0)
+@given(sources, models, st.integers(0, 3))
+def test_beam_one_equals_greedy(srcs, which, ngram):
+    g = run(lambda m, s, l, r: greedy(m, s, l, r), srcs, which, no_repeat_ngram=ngram)
+    bs = run(lambda m, s, l, r: beam_search(m, s, l, r, 1, alpha=0.0), srcs, which, no_repeat_ngram=ngram)
     assert [h[0].tokens for h in g] == [h[0].tokens for h in bs]
     for x, y in zip(g, bs):
         assert x[0].score == pytest.approx(y[0].score, abs=1e-4)
@@ -42,29 +49,76 @@ def test_beam_one_equals_greedy(srcs, which):
 @settings(max_examples=25, deadline=None)
 @given(sources, models, st.integers(2, 5))
 def test_batch_equals_one_by_one(srcs, which, k):
-    model = model_for(*which)
-    b = make_batch(srcs, [[4]] * len(srcs))
-    together = beam_search(model, b.src, b.src_lens, k, 1.5, 4, alpha=1.0, nbest=k)
+    search = lambda m, s, l, r: beam_search(m, s, l, r, k, alpha=1.0, nbest=k)
+    together = run(search, srcs, which)
     for src, hyps in zip(srcs, together):
-        one = make_batch([src], [[4]])
-        alone = beam_search(model, one.src, one.src_lens, k, 1.5, 4, alpha=1.0, nbest=k)[0]
-        assert [h.tokens for h in hyps] == [h.tokens for h in alone]
+        assert [h.tokens for h in hyps] == [h.tokens for h in run(search, [src], which)[0]]
 
 
 @settings(max_examples=25, deadline=None)
-@given(sources, st.integers(1, 6), st.floats(0.0, 2.0))
-def test_nbest_sorted_and_within_length_limit(srcs, k, alpha):
-    model = model_for("gru", "attention")
-    b = make_batch(srcs, [[4]] * len(srcs))
-    results = beam_search(model, b.src, b.src_lens, k, 1.0, 2, alpha=alpha, nbest=k)
+@given(sources, st.integers(1, 6), st.floats(0.0, 2.0), st.floats(0.0, 1.0))
+def test_nbest_sorted_within_limits_and_no_specials(srcs, k, alpha, beta):
+    results = run(lambda m, s, l, r: beam_search(m, s, l, r, k, alpha=alpha, nbest=k, coverage_penalty=beta),
+                  srcs, max_len_a=1.0, max_len_b=2, min_len=2)
     for src, hyps in zip(srcs, results):
         assert 1 <= len(hyps) <= k
-        assert all(len(h.tokens) <= len(src) + 2 for h in hyps)
+        assert all(2 <= len(h.tokens) <= len(src) + 2 for h in hyps)
         scores = [h.score for h in hyps]
         assert scores == sorted(scores, reverse=True)
-        assert all(3 not in h.tokens and 2 not in h.tokens for h in hyps)  # no EOS / BOS inside
+        assert all(not {PAD, BOS, EOS, UNK} & set(h.tokens) for h in hyps)
+
+
+@settings(max_examples=30, deadline=None)
+@given(sources, st.integers(1, 5), st.integers(1, 3))
+def test_no_repeated_ngrams(srcs, k, n):
+    for hyps in run(lambda m, s, l, r: beam_search(m, s, l, r, k, nbest=k), srcs, no_repeat_ngram=n, max_len_b=20):
+        for h in hyps:
+            grams = [tuple(h.tokens[i:i + n]) for i in range(len(h.tokens) - n + 1)]
+            assert len(grams) == len(set(grams))
+
+
+PUNCT = [5, 6]  # stand-ins for '，' and '。'
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.integers(5, V - 1), min_size=1, max_size=14), min_size=1, max_size=5),
+       st.integers(1, 5), models)
+def test_exact_length_and_punctuation_positions_for_any_input(srcs, k, which):
+    forced = [[tok if tok in PUNCT else -1 for tok in s] for s in srcs]
+    for search in (lambda m, s, l, r: greedy(m, s, l, r), lambda m, s, l, r: beam_search(m, s, l, r, k, nbest=k)):
+        for src, hyps in zip(srcs, run(search, srcs, which, forced=forced, free_banned=PUNCT)):
+            assert hyps
+            for h in hyps:
+                assert len(h.tokens) == len(src)
+                assert [i for i, t in enumerate(h.tokens) if t in PUNCT] == [i for i, t in enumerate(src) if t in PUNCT]
+                assert all(h.tokens[i] == src[i] for i, t in enumerate(src) if t in PUNCT)
 
 
 def test_length_penalty_values():
     assert length_penalty(1, 0.0) == 1.0
     assert length_penalty(7, 1.0) == pytest.approx(2.0)
+
+
+def test_absolute_max_len():
+    for hyps in run(lambda m, s, l, r: beam_search(m, s, l, r, 3), [[7] * 30], max_len=5, min_len=100):
+        assert all(len(h.tokens) == 5 for h in hyps)
+
+
+@settings(max_examples=20, deadline=None)
+@given(sources, st.floats(0.5, 2.0))
+def test_sampling_top_k_one_is_greedy_and_seeded_sampling_repeats(srcs, temperature):
+    from seqtool.search import sampler
+
+    g = run(lambda m, s, l, r: greedy(m, s, l, r), srcs)
+    k1 = run(lambda m, s, l, r: greedy(m, s, l, r, pick=sampler(temperature, top_k=1)), srcs)
+    assert [h[0].tokens for h in g] == [h[0].tokens for h in k1]
+    draw = lambda seed: run(lambda m, s, l, r: greedy(m, s, l, r, pick=sampler(temperature, top_p=0.9, seed=seed)), srcs)
+    assert [h[0].tokens for h in draw(3)] == [h[0].tokens for h in draw(3)]
+
+
+def test_sampling_explores():
+    from seqtool.search import sampler
+
+    outs = {tuple(run(lambda m, s, l, r: greedy(m, s, l, r, pick=sampler(5.0, seed=seed)), [[7, 8, 9]])[0][0].tokens)
+            for seed in range(10)}
+    assert len(outs) > 1

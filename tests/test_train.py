@@ -79,3 +79,45 @@ def test_schedules():
         update_plateau(t, p, score, higher_is_better=True)
     assert learning_rate(t, p) == pytest.approx(0.5)
     assert learning_rate(TrainingConfig(lr=1e-3), Progress(step=7)) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_nan_loss_is_reported_with_its_step(tmp_path, monkeypatch, policy, capsys):
+    import seqtool.train as train_module
+
+    real = train_module.batch_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(model, batch, smoothing):
+        calls["n"] += 1
+        loss = real(model, batch, smoothing)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(train_module, "batch_loss", sometimes_nan)
+    cfg = validate(tiny_config(tmp_path / "m", training={**SMALL, "max_steps": 6, "valid_every": 6, "on_nan": policy}))
+    if policy == "stop":
+        with pytest.raises(train_module.SeqtoolError, match=r"step 3: loss is nan"):
+            run_training(cfg)
+    else:
+        trainer = run_training(cfg)
+        assert trainer.progress.step == 6
+        assert "step 3: loss is nan; batch skipped" in capsys.readouterr().err
+        assert all(torch.isfinite(p).all() for p in trainer.bundle.model.parameters())
+
+
+def test_keep_last_and_average(tmp_path):
+    cfg = tiny_config(tmp_path / "m", training={**SMALL, "max_steps": 40, "valid_every": 10, "keep_last": 2})
+    path = write_config(tmp_path / "c.yaml", cfg)
+    run_cli("train", "-c", str(path), "-q", check=True)
+    kept = sorted(p.name for p in (tmp_path / "m").glob("step*.safetensors"))
+    assert kept == ["step00000030.safetensors", "step00000040.safetensors"]
+    out = tmp_path / "avg.safetensors"
+    run_cli("average", str(tmp_path / "m"), "-o", str(out), "--last", "2", check=True)
+    from seqtool.checkpoint import load_model
+
+    a, b, avg = (load_model(p) for p in (tmp_path / "m" / kept[0], tmp_path / "m" / kept[1], out))
+    for (name, wa), wb, wavg in zip(a.model.state_dict().items(), b.model.state_dict().values(), avg.model.state_dict().values()):
+        torch.testing.assert_close(wavg, (wa + wb) / 2, msg=name)
+    assert len(avg.info["averaged"]) == 2
+    none = run_cli("average", str(tmp_path), "-o", str(out))
+    assert none.returncode == 1 and "keep_last" in none.stderr

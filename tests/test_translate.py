@@ -1,0 +1,73 @@
+"""Streaming translation: one output per input, order kept, empty lines empty, errors in order."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from seqtool.config import validate
+from seqtool.errors import DataError
+from seqtool.model.seq2seq import build_model
+from seqtool.tokenizer import train_tokenizer
+from seqtool.translate import Translator, read_ahead, translate_stream
+
+_CFG = validate({"model": {"embedding_size": 8, "encoder_hidden_size": 8, "hidden_size": 16, "dropout": 0.0},
+                 "tokenizer": {"vocab_size": 400}, "decoding": {"beam_size": 2, "batch_size": 3, "buffer_lines": 4,
+                                                                "max_len_b": 3, "max_input_tokens": 30}})
+_TOK = train_tokenizer([f"alpha beta {i} gamma" for i in range(100)], _CFG.tokenizer)
+torch.manual_seed(0)
+_MODEL = build_model(_CFG.model, _TOK.vocab_size, _TOK.vocab_size).eval()
+
+
+def translator(**decoding) -> Translator:
+    return Translator(_MODEL, _TOK, _TOK, _CFG.decoding.model_copy(update=decoding))
+
+
+lines_strategy = st.lists(st.one_of(st.just(""), st.just("   "), st.text(max_size=30).map(lambda s: s.replace("\n", " ").replace("\r", " "))),
+                          max_size=25)
+
+
+@settings(max_examples=30, deadline=None)
+@given(lines_strategy)
+def test_one_output_line_per_input_line(lines):
+    out = io.StringIO()
+    n = translate_stream(translator(), iter(lines), out)
+    result = out.getvalue().split("\n")
+    assert n == len(lines) and len(result) == len(lines) + 1 and result[-1] == ""
+    for src, hyp in zip(lines, result):
+        if not src.strip():
+            assert hyp == ""
+        assert "\n" not in hyp
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.text(alphabet="abg 0123456789", min_size=1, max_size=25), min_size=1, max_size=12))
+def test_order_and_results_do_not_depend_on_chunking(lines):
+    t = translator()
+    together = [x.text for x in t.translate(lines)]
+    assert together == [t.translate([line])[0].text for line in lines]
+
+
+def test_read_ahead_chunks_and_reports_errors_after_good_lines():
+    def source():
+        yield from ["a", "b", "c", "d", "e"]
+        raise DataError("x:6: invalid UTF-8")
+
+    chunks = []
+    with pytest.raises(DataError, match="x:6"):
+        for chunk in read_ahead(source(), 2):
+            chunks.append(chunk)
+    assert [line for c in chunks for line in c] == ["a", "b", "c", "d", "e"]
+    assert all(1 <= len(c) <= 2 for c in chunks)
+
+
+def test_long_input_truncated_with_warning():
+    warnings = []
+    t = Translator(_MODEL, _TOK, _TOK, _CFG.decoding, warn=warnings.append)
+    out = t.translate(["alpha " * 200, ""], first_lineno=7)
+    assert len(out) == 2 and out[1].text == ""
+    assert warnings and warnings[0].startswith("line 7:") and "truncated to 30" in warnings[0]
