@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 
 from conftest import ROOT, SAMPLE, read_metrics, run_cli, tiny_config, write_config
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SAMPLE, run_cli, tiny_config, write_config
+from conftest import ROOT, run_cli, tiny_config, write_config
 
 
 def assert_one_line_error(proc, match, code=None):
