@@ -328,15 +328,11 @@ def tokenizer_decode(input: str = typer.Argument("-", help="Pieces file, or '-' 
 def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit code, never a traceback."""
     try:
-        app()  # Typer handles --help, usage errors (exit 2) and Ctrl-C itself
+        app()  # Typer handles --help, usage errors (exit 2), Ctrl-C and a closed stdout (quiet exit 1)
     except SeqtoolError as exc:
         _err(f"error: {exc}")
         sys.exit(exc.exit_code)
-    except BrokenPipeError:
-        # The reader went away (e.g. `| head -1`): stop quietly, and keep Python from complaining at exit.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        sys.exit(141)
+
 
 if __name__ == "__main__":
     main()
