@@ -183,8 +183,8 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules
 
     for t in range(max(rules.max_len)):
         lp, state, weights = model.step(prev, state)
-        if coverage is not None and weights is not None:
-            coverage = coverage + weights
+        if coverage is not None:  # only attention models report weights; without them there is no coverage
+            coverage = None if weights is None else coverage + weights
         n, V = len(active), lp.size(-1)
         sents = torch.tensor(active).repeat_interleave(K)
         lp = rules.apply(lp, t, sents, history.tolist() if rules.no_repeat_ngram else None)

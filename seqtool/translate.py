@@ -18,7 +18,7 @@ import torch
 from seqtool.config import DecodingConfig
 from seqtool.data import make_batch
 from seqtool.model.seq2seq import Seq2Seq
-from seqtool.search import Hypothesis, Rules, beam_search, greedy, make_rules, sampler
+from seqtool.search import Hypothesis, Rules, argmax, beam_search, greedy, make_rules, sampler
 from seqtool.tokenizer import Tokenizer
 
 
@@ -52,11 +52,9 @@ class Translator:
         """Decode a batch of non-empty id sequences."""
         batch = make_batch(ids, [[0]] * len(ids))
         d, rules = self.decoding, self.rules(ids)
-        if d.sample:
-            pick = sampler(d.temperature, d.top_k, d.top_p, d.seed)
+        if d.sample or (d.beam_size == 1 and d.nbest == 1):
+            pick = sampler(d.temperature, d.top_k, d.top_p, d.seed) if d.sample else argmax
             return greedy(self.model, batch.src, batch.src_lens, rules, d.length_penalty, pick)
-        if d.beam_size == 1 and d.nbest == 1:
-            return greedy(self.model, batch.src, batch.src_lens, rules, d.length_penalty)
         return beam_search(self.model, batch.src, batch.src_lens, rules, d.beam_size, d.length_penalty, d.nbest,
                            d.coverage_penalty)
 
