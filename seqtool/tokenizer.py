@@ -16,6 +16,19 @@ from seqtool.errors import DataError, ModelFileError
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
+# sentencepiece reads U+2581 (its word marker) in the input as a space, so a literal one would be
+# lost. It travels escaped as two private-use characters instead; the escape character escapes itself.
+_ESC, _ESC_SELF, _ESC_MARK = "\ue000", "\ue001", "\ue002"
+_ESCAPED = re.compile(_ESC + "([" + _ESC_SELF + _ESC_MARK + "])")
+
+
+def _escape(text: str) -> str:
+    return text.replace(_ESC, _ESC + _ESC_SELF).replace("\u2581", _ESC + _ESC_MARK)
+
+
+def _unescape(text: str) -> str:
+    return _ESCAPED.sub(lambda m: _ESC if m.group(1) == _ESC_SELF else "\u2581", text)
+
 
 @dataclass(frozen=True)
 class Tokenizer:
@@ -48,19 +61,19 @@ class Tokenizer:
         return self.sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+        return self.sp.encode(_escape(text))
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts)
+        return self.sp.encode([_escape(t) for t in texts])
 
     def pieces(self, text: str) -> list[str]:
-        return self.sp.encode(text, out_type=str)
+        return self.sp.encode(_escape(text), out_type=str)
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(ids)
+        return _unescape(self.sp.decode(ids))
 
     def decode_pieces(self, pieces: list[str]) -> str:
-        return self.sp.decode_pieces(pieces)
+        return _unescape(self.sp.decode_pieces(pieces))
 
     @cached_property
     def punctuation(self) -> dict[str, int]:
@@ -81,7 +94,7 @@ def train_tokenizer(lines: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
     model_type = cfg.type
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_nonempty(lines),
+            sentence_iterator=_training_lines(lines),
             model_writer=model,
             model_type=model_type,
             vocab_size=cfg.vocab_size,
@@ -105,7 +118,8 @@ def train_tokenizer(lines: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
     return Tokenizer.from_bytes(model.getvalue())
 
 
-def _nonempty(lines: Iterable[str]) -> Iterator[str]:
+def _training_lines(lines: Iterable[str]) -> Iterator[str]:
+    """Non-empty lines, escaped as encode() will see them."""
     for line in lines:
         if line.strip():
-            yield line
+            yield _escape(line)

@@ -1,5 +1,5 @@
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from seqtool.config import TokenizerConfig
@@ -21,7 +21,10 @@ def test_special_ids(bpe):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zs", "Zl", "Zp")) | st.just(" "), max_size=40))
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zs", "Zl", "Zp"))
+               | st.sampled_from(" \u2581\ue000\ue001\ue002"), max_size=40))
+@example("\u2581")  # sentencepiece's own word marker, found by this test in CI
+@example("a\u2581b \ue000\ue002 \ue000\ue001\u2581")
 def test_round_trip_any_text(text):
     """decode(encode(x)) == x up to whitespace runs, even for characters never seen in training."""
     tok = _BPE
