@@ -171,6 +171,24 @@ def load_model(path: str | Path) -> ModelBundle:
     return bundle_from(*_unpack(path, MODEL_FORMAT), path)
 
 
+def model_card(bundle: ModelBundle, path: Path) -> dict[str, Any]:
+    """What `seqtool info` and the server's /info show: architecture, sizes, data, steps, scores."""
+    m = bundle.config.model
+    attention = f" ({m.attention}{', input feeding' if m.input_feeding else ''})" if m.context == "attention" else ""
+    return {
+        "file": str(path),
+        "format_version": FORMAT_VERSION,
+        "architecture": f"{m.cell} encoder {m.encoder_layers}x{m.encoder_hidden_size}"
+        f"{' bidirectional' if m.bidirectional else ''}, decoder {m.decoder_layers}x{m.hidden_size}, "
+        f"context {m.context}{attention}",
+        "parameters": sum(p.numel() for p in bundle.model.parameters()),
+        "vocab": {"src": bundle.src_tok.vocab_size, "tgt": bundle.tgt_tok.vocab_size,
+                  "tokenizer": bundle.config.tokenizer.type, "joint": bundle.src_tok is bundle.tgt_tok},
+        **{k: v for k, v in bundle.info.items() if k != "params"},
+        "config": bundle.config.model_dump(),
+    }
+
+
 def save_state(path: Path, bundle: ModelBundle, optimizer: torch.optim.Optimizer, progress: dict[str, Any]) -> None:
     """One file with all a resumed run needs: model, tokenizers, optimizer, progress and RNG."""
     tensors, meta = bundle_tensors(bundle)

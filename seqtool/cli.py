@@ -25,6 +25,7 @@ app.add_typer(tokenizer_app, name="tokenizer")
 
 SetOpt = typer.Option([], "--set", help="Override a config key: --set section.key=value (repeatable).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="Only errors on stderr.")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="More detail on stderr.")
 
 
 def _err(message: str) -> None:
@@ -42,6 +43,7 @@ def train(
     overrides: List[str] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in training.model_dir where it stopped."),
     quiet: bool = QuietOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print the resolved config, and a log line every 10 steps instead of the bar."),
 ) -> None:
     """Train a tokenizer and a model; writes model.safetensors, config.yaml and metrics.jsonl to the model dir.
 
@@ -66,7 +68,7 @@ def train(
         if value is not None:  # set as given: a file name is never parsed as YAML
             section, name = key.split(".")
             setattr(getattr(cfg, section), name, value)
-    run_training(cfg, resume=resume, quiet=quiet)
+    run_training(cfg, resume=resume, quiet=quiet, verbose=verbose)
 
 
 def _decoding(bundle, overrides: List[str], flags: dict):
@@ -82,14 +84,20 @@ def _decoding(bundle, overrides: List[str], flags: dict):
     return validate(apply_overrides(raw, overrides)).decoding
 
 
-def _translator(model: Path, overrides: List[str], flags: dict, quiet: bool):
+def _translator(model: Path, overrides: List[str], flags: dict, quiet: bool, verbose: bool = False,
+                attention: bool = False, bundle=None):
+    """A Translator for the model at `model` (or the already loaded `bundle`) with decoding flags applied."""
     from seqtool.checkpoint import load_model
     from seqtool.translate import Translator
 
-    bundle = load_model(model)
+    bundle = bundle or load_model(model)
     decoding = _decoding(bundle, overrides, flags)
+    if verbose:
+        m = bundle.config.model
+        _err(f"model: {model} ({m.cell}, context {m.context}, vocab {bundle.src_tok.vocab_size}/{bundle.tgt_tok.vocab_size})")
+        _err("decoding: " + " ".join(f"{k}={v}" for k, v in decoding.model_dump().items()))
     return Translator(bundle.model, bundle.src_tok, bundle.tgt_tok, decoding, bundle.config.data.truncate_src,
-                      warn=(lambda m: None) if quiet else _err)
+                      warn=(lambda m: None) if quiet else _err, with_attention=attention)
 
 
 ModelOpt = typer.Option(..., "--model", "-m", help="A model file, or a model dir (uses its model.safetensors).")
@@ -112,9 +120,12 @@ def translate(
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most probable tokens."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample within the smallest set of this probability mass."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling (same seed, same output)."),
-    fmt: str = typer.Option("text", "--format", help="text: one line per input; json: one JSON object per input with n-best and scores."),
+    fmt: str = typer.Option("text", "--format", help="text: one line per input; json: one JSON object per input with n-best, scores and pieces."),
+    attention: bool = typer.Option(False, "--attention", help="Add each output's attention weights to --format json (attention models)."),
+    attention_plot: Optional[Path] = typer.Option(None, "--attention-plot", help="Save an attention heatmap per input line to this folder (LINE.png; with --format json the weights are shown too)."),
     overrides: List[str] = SetOpt,
     quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Translate lines: exactly one output line per input line (empty in, empty out), in order.
 
@@ -123,24 +134,29 @@ def translate(
         seqtool translate -m runs/sample test.src > out.txt
 
         cat test.src | seqtool translate -m runs/sample --beam 5
+
+        head -3 test.src | seqtool translate -m runs/sample --format json --attention-plot attn/
     """
     from seqtool.data import iter_lines
     from seqtool.translate import translate_stream
 
     if fmt not in ("text", "json"):
         raise SeqtoolError(f"--format must be text or json, not {fmt!r}")
+    if attention and fmt != "json":
+        raise SeqtoolError("--attention adds weights to JSON output: use it with --format json")
     flags = {"beam_size": beam, "nbest": nbest, "batch_size": batch_size, "length_penalty": length_penalty,
              "sample": sample or None, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
-    translator = _translator(model, overrides, flags, quiet)
+    translator = _translator(model, overrides, flags, quiet, verbose, attention or attention_plot is not None)
+    each = _attention_plotter(attention_plot) if attention_plot is not None else None
     lines = iter_lines(input)
     start = time.monotonic()
     if output is None:
-        n = translate_stream(translator, lines, sys.stdout, fmt)
+        n = translate_stream(translator, lines, sys.stdout, fmt, each)
     else:
         tmp = output.with_name(f".{output.name}.partial")
         try:
             with open(tmp, "w", encoding="utf-8") as out:
-                n = translate_stream(translator, lines, out, fmt)
+                n = translate_stream(translator, lines, out, fmt, each)
             os.replace(tmp, output)  # no half-written output under the real name
         except OSError as exc:
             raise SeqtoolError(f"cannot write {output}: {exc.strerror}") from None
@@ -150,6 +166,22 @@ def translate(
     if not quiet:
         seconds = time.monotonic() - start
         _err(f"translated {n} lines in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} lines/s)")
+
+
+def _attention_plotter(folder: Path):
+    """A per-line callback that saves FOLDER/LINE.png for each non-empty line."""
+    from seqtool.plot import plot_attention
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SeqtoolError(f"cannot create {folder}: {exc.strerror}") from None
+
+    def save(lineno: int, t) -> None:
+        if t.attention is not None:
+            plot_attention(t.src_pieces, t.pieces + ["</s>"], t.attention, folder / f"{lineno}.png")
+
+    return save
 
 
 @app.command()
@@ -238,28 +270,73 @@ def info(
     """
     import json
 
-    from seqtool.checkpoint import FORMAT_VERSION, load_model, resolve_model_path
+    from seqtool.checkpoint import load_model, model_card, resolve_model_path
 
-    bundle = load_model(model)
-    m = bundle.config.model
-    card = {
-        "file": str(resolve_model_path(model)),
-        "format_version": FORMAT_VERSION,
-        "architecture": f"{m.cell} encoder {m.encoder_layers}x{m.encoder_hidden_size}"
-        f"{' bidirectional' if m.bidirectional else ''}, decoder {m.decoder_layers}x{m.hidden_size}, "
-        f"context {m.context}" + (f" ({m.attention}{', input feeding' if m.input_feeding else ''})" if m.context == "attention" else ""),
-        "parameters": sum(p.numel() for p in bundle.model.parameters()),
-        "vocab": {"src": bundle.src_tok.vocab_size, "tgt": bundle.tgt_tok.vocab_size,
-                  "tokenizer": bundle.config.tokenizer.type, "joint": bundle.src_tok is bundle.tgt_tok},
-        **{k: v for k, v in bundle.info.items() if k != "params"},
-        "config": bundle.config.model_dump(),
-    }
+    card = model_card(load_model(model), resolve_model_path(model))
     if as_json:
         print(json.dumps(card, ensure_ascii=False))
         return
     for key, value in card.items():
         if key != "config":
             print(f"{key}: {json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else value}")
+
+
+@app.command()
+def plot(
+    runs: List[Path] = typer.Argument(..., help="One or more model dirs (their metrics.jsonl)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write. Default: RUN/curves.png of the first run."),
+    x: str = typer.Option("step", "--x", help="Horizontal axis: step or time (minutes)."),
+) -> None:
+    """Draw training curves (loss, validation perplexity and BLEU, learning rate) to a PNG.
+
+    Several runs share the axes, one colour each, to compare them.
+
+    Examples:
+
+        seqtool plot runs/sample
+
+        seqtool plot runs/gru runs/lstm --x time -o compare.png
+    """
+    from seqtool.plot import X_AXES, plot_curves
+
+    if x not in X_AXES:
+        raise SeqtoolError(f"--x must be one of {', '.join(X_AXES)}, not {x!r}")
+    out = output or runs[0] / "curves.png"
+    plot_curves(runs, out, x)
+    print(f"{out}: curves of {', '.join(str(r) for r in runs)}", file=sys.stderr)
+
+
+@app.command()
+def serve(
+    model: Path = ModelOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", "-p", help="TCP port."),
+    beam: Optional[int] = BeamOpt,
+    batch_size: Optional[int] = BatchOpt,
+    max_lines: int = typer.Option(1000, "--max-lines", help="Most lines per request, and per decoding round."),
+    wait_ms: float = typer.Option(5.0, "--batch-wait-ms", help="How long a request waits for others to share its batch."),
+    overrides: List[str] = SetOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Serve a model over HTTP: POST /translate {"lines": [...]}, GET /health, GET /info.
+
+    Concurrent requests are decoded together. Bad requests get 400 with {"error": ...}.
+
+    Example:
+
+        seqtool serve -m runs/sample --port 8000 &
+        curl -s localhost:8000/translate -d '{"lines": ["a line", ""]}'
+    """
+    from seqtool.checkpoint import load_model, model_card, resolve_model_path
+    from seqtool.serve import make_app
+    from seqtool.serve import serve as run_server
+
+    if max_lines < 1 or wait_ms < 0:
+        raise SeqtoolError("--max-lines must be at least 1 and --batch-wait-ms at least 0")
+    bundle = load_model(model)
+    translator = _translator(model, overrides, {"beam_size": beam, "batch_size": batch_size}, False, verbose, bundle=bundle)
+    card = model_card(bundle, resolve_model_path(model))
+    run_server(make_app(translator, card, max_lines, wait_ms=wait_ms), host, port, verbose)
 
 
 @tokenizer_app.command("train")

@@ -11,13 +11,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 
 class Reporter:
-    def __init__(self, quiet: bool = False, log_every: int = 100):
-        self.console = Console(stderr=True, highlight=False)
+    """quiet: errors only; verbose: a plain log line every 10 steps instead of the bar."""
+
+    def __init__(self, quiet: bool = False, verbose: bool = False):
+        self.console = Console(stderr=True, highlight=False)  # rich honours NO_COLOR and TERM=dumb
         self.quiet = quiet
-        self.log_every = log_every
+        self.log_every = 10 if verbose else 100
         self.bar: Optional[Progress] = None
         self.task = None
-        if sys.stderr.isatty() and not quiet:
+        if sys.stderr.isatty() and not quiet and not verbose:
             self.bar = Progress(
                 TextColumn("step {task.completed}"), BarColumn(), TextColumn("{task.fields[stats]}"),
                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),

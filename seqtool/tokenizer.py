@@ -72,6 +72,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return _unescape(self.sp.decode(ids))
 
+    def id_pieces(self, ids: list[int]) -> list[str]:
+        """Each id's piece as text (a literal U+2581 shown as itself, the word marker as '▁')."""
+        return [_unescape(self.sp.id_to_piece(i)) for i in ids]
+
     def decode_pieces(self, pieces: list[str]) -> str:
         return _unescape(self.sp.decode_pieces(pieces))
 

@@ -332,8 +332,10 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool) -> Trainer:
     return trainer
 
 
-def run_training(cfg: Config, resume: bool = False, quiet: bool = False) -> Trainer:
-    reporter = Reporter(quiet=quiet)
+def run_training(cfg: Config, resume: bool = False, quiet: bool = False, verbose: bool = False) -> Trainer:
+    reporter = Reporter(quiet=quiet, verbose=verbose)
+    if verbose:
+        reporter.log("config:\n" + dump_config(cfg).rstrip())
     try:
         trainer = prepare(cfg, reporter, resume)
         reason = trainer.run()

@@ -17,6 +17,7 @@ import torch
 
 from seqtool.config import DecodingConfig
 from seqtool.data import make_batch
+from seqtool.errors import SeqtoolError
 from seqtool.model.seq2seq import Seq2Seq
 from seqtool.search import Hypothesis, Rules, argmax, beam_search, greedy, make_rules, sampler
 from seqtool.tokenizer import Tokenizer
@@ -26,6 +27,20 @@ from seqtool.tokenizer import Tokenizer
 class Translation:
     text: str
     hypotheses: list[tuple[str, float]] = field(default_factory=list)  # n-best (text, score)
+    src_pieces: list[str] = field(default_factory=list)  # the source as the model saw it
+    pieces: list[str] = field(default_factory=list)  # the best output's pieces
+    attention: Optional[list[list[float]]] = None  # (output pieces + </s>) x source pieces, when asked
+
+
+def attention_weights(model: Seq2Seq, src: list[int], tokens: list[int]) -> list[list[float]]:
+    """Attention of each output step (tokens, then EOS) over the source, by teacher-forcing `tokens`."""
+    batch = make_batch([src], [tokens])
+    state = model.encode(batch.src, batch.src_lens)
+    rows = []
+    for t in range(batch.tgt_in.size(1)):
+        _, state, weights = model.step(batch.tgt_in[:, t], state)
+        rows.append([round(w, 4) for w in weights[0, : len(src)].tolist()])
+    return rows
 
 
 @dataclass
@@ -36,6 +51,11 @@ class Translator:
     decoding: DecodingConfig
     truncate_src: int = 0  # data.truncate_src: sources are cut to this many tokens, silently
     warn: Callable[[str], None] = lambda message: None
+    with_attention: bool = False  # fill Translation.attention (attention models only)
+
+    def __post_init__(self) -> None:
+        if self.with_attention and self.model.decoder.mode != "attention":
+            raise SeqtoolError(f"attention weights need a model with context 'attention', not '{self.model.decoder.mode}'")
 
     def rules(self, ids: list[list[int]]) -> Rules:
         d = self.decoding
@@ -78,10 +98,16 @@ class Translator:
         with torch.inference_mode():
             for start in range(0, len(work), step):
                 chunk = work[start : start + step]
-                for (i, _), hyps in zip(chunk, self.search([ids for _, ids in chunk])):
-                    texts = [(self.tgt_tok.decode(h.tokens), h.score) for h in hyps]
-                    out[i] = Translation(texts[0][0] if texts else "", texts)
+                for (i, ids), hyps in zip(chunk, self.search([ids for _, ids in chunk])):
+                    out[i] = self._translation(ids, hyps)
         return out
+
+    def _translation(self, ids: list[int], hyps: list[Hypothesis]) -> Translation:
+        texts = [(self.tgt_tok.decode(h.tokens), h.score) for h in hyps]
+        best = hyps[0].tokens if hyps else []
+        return Translation(texts[0][0] if texts else "", texts, self.src_tok.id_pieces(ids),
+                           self.tgt_tok.id_pieces(best),
+                           attention_weights(self.model, ids, best) if self.with_attention else None)
 
 
 def read_ahead(lines: Iterable[str], max_chunk: int) -> Iterator[list[str]]:
@@ -123,22 +149,31 @@ def read_ahead(lines: Iterable[str], max_chunk: int) -> Iterator[list[str]]:
         yield chunk
 
 
+def translation_record(t: Translation) -> dict:
+    """The JSON form: text, n-best with scores, pieces, and attention weights when computed."""
+    record = {"text": t.text, "nbest": [{"text": s, "score": round(sc, 4)} for s, sc in t.hypotheses],
+              "src_pieces": t.src_pieces, "pieces": t.pieces}
+    if t.attention is not None:
+        record["attention"] = t.attention
+    return record
+
+
 def format_translation(t: Translation, fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps({"text": t.text, "nbest": [{"text": s, "score": round(sc, 4)} for s, sc in t.hypotheses]},
-                          ensure_ascii=False)
-    return t.text
+    return json.dumps(translation_record(t), ensure_ascii=False) if fmt == "json" else t.text
 
 
 def translate_stream(translator: Translator, lines: Iterable[str], out: TextIO, fmt: str = "text",
-                     on_chunk: Optional[Callable[[int], None]] = None) -> int:
-    """Translate a stream of lines to `out`, flushing after each chunk; returns the line count."""
+                     each: Optional[Callable[[int, Translation], None]] = None) -> int:
+    """Translate a stream of lines to `out`, flushing after each chunk; returns the line count.
+
+    `each(line number, translation)` is called for every line once it is written.
+    """
     n = 0
     for chunk in read_ahead(lines, translator.decoding.buffer_lines):
-        for t in translator.translate(chunk, first_lineno=n + 1):
+        for lineno, t in enumerate(translator.translate(chunk, first_lineno=n + 1), n + 1):
             out.write(format_translation(t, fmt) + "\n")
+            if each:
+                each(lineno, t)
         out.flush()
         n += len(chunk)
-        if on_chunk:
-            on_chunk(n)
     return n

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 from hypothesis import settings
+
+from seqtool.plot import read_metrics  # noqa: F401  (tests read runs' metrics.jsonl with it)
 
 # Property tests draw the same examples on every run, so a red CI always reproduces;
 # HYPOTHESIS_PROFILE=explore draws fresh random ones to hunt for new failures.
@@ -64,7 +65,3 @@ def trained_model(tmp_path_factory) -> Path:
     config = write_config(work / "tiny.yaml", tiny_config(model_dir))
     run_cli("train", "-c", str(config), "-q", check=True)
     return model_dir
-
-
-def read_metrics(model_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]

@@ -67,7 +67,9 @@ def test_translate_output_file_and_json(trained_model, tmp_path):
     first, second = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(first["nbest"]) == 3 and first["text"] == first["nbest"][0]["text"]
     assert first["nbest"][0]["score"] >= first["nbest"][1]["score"]
-    assert second == {"text": "", "nbest": []}
+    assert second == {"text": "", "nbest": [], "src_pieces": [], "pieces": []}
+    assert first["src_pieces"] == ["▁a", "▁b"] or "".join(first["src_pieces"]).replace("▁", " ").strip() == "a b"
+    assert "".join(first["pieces"]).replace("▁", " ").strip() == first["text"]
 
 
 def test_interactive_pipe_answers_each_line_before_the_next(trained_model):
