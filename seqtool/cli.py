@@ -196,6 +196,7 @@ def evaluate(
     metrics: str = typer.Option("bleu,chrf", "--metrics", help="Comma-separated: bleu, chrf, bleu_char, rouge, couplet."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of text."),
     overrides: List[str] = SetOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Score output: translate --src with --model, or score an existing --hyp file.
 
@@ -219,7 +220,7 @@ def evaluate(
         hyps = read_lines(hyp)
     elif srcs is not None and model is not None:
         flags = {"beam_size": beam, "batch_size": batch_size, "length_penalty": length_penalty}
-        translator = _translator(model, overrides, flags, quiet=False)
+        translator = _translator(model, overrides, flags, quiet)
         hyps = [t.text for t in translator.translate(srcs)]
     else:
         raise SeqtoolError("give --hyp FILE, or --model and --src to translate")

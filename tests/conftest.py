@@ -25,10 +25,10 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 def run_cli(*args: str, input: str | bytes | None = None, cwd: Path | None = None, timeout: float = 600,
-            check: bool = False) -> subprocess.CompletedProcess:
-    """Run `python -m seqtool ARGS` as a user would; text in/out unless bytes are given."""
+            check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m seqtool ARGS` as a user would; text in/out unless bytes are given; `env` adds variables."""
     text = not isinstance(input, bytes)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.run([sys.executable, "-m", "seqtool", *args], input=input, capture_output=True, text=text,
                           cwd=cwd or ROOT, timeout=timeout, env=env)
     if check and proc.returncode != 0:

@@ -121,6 +121,21 @@ def test_train_without_a_config(tmp_path):
     assert run_cli("translate", "-m", str(tmp_path / "run"), "-b", "1", input="zuza\n", check=True).stdout.count("\n") == 1
 
 
+def test_verbose_and_quiet(tmp_path, trained_model):
+    src, tgt = tmp_path / "a.src", tmp_path / "a.tgt"
+    src.write_text("".join(line + "\n" for line in (SAMPLE / "train.src").read_text().splitlines()[:200]))
+    tgt.write_text("".join(line + "\n" for line in (SAMPLE / "train.tgt").read_text().splitlines()[:200]))
+    proc = run_cli("train", "--src", str(src), "--tgt", str(tgt), "-o", str(tmp_path / "run"), "-v",
+                   "--set", "training.max_steps=20", "--set", "model.hidden_size=16", "--set", "tokenizer.vocab_size=400",
+                   check=True)
+    assert "config:\n" in proc.stderr and "  hidden_size: 16" in proc.stderr
+    assert re.search(r"^step 10 ", proc.stderr, re.M) and re.search(r"^step 20 ", proc.stderr, re.M)
+    proc = run_cli("translate", "-m", str(trained_model), "-v", input="zuza\n", check=True)
+    assert "decoding: beam_size=5" in proc.stderr and proc.stdout.count("\n") == 1
+    proc = run_cli("translate", "-m", str(trained_model), "-q", input="zuza\n", check=True)
+    assert proc.stderr == ""
+
+
 def test_sampling_from_the_cli_is_seeded(trained_model):
     lines = "".join(line + "\n" for line in (SAMPLE / "test.src").read_text().splitlines()[:10])
     args = ("translate", "-m", str(trained_model), "--sample", "--temperature", "1.5", "--top-p", "0.95")

@@ -1,6 +1,7 @@
 """Bad input through the real CLI: one clear line on stderr, a non-zero exit, never a traceback."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -98,8 +99,27 @@ def test_closed_stdout_exits_quietly(trained_model):
     assert "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr
 
 
+COMMANDS = ["train", "translate", "evaluate", "average", "info", "plot", "serve",
+            "tokenizer train", "tokenizer encode", "tokenizer decode"]
+
+
 def test_help_teaches():
-    for cmd in (["--help"], ["train", "--help"], ["translate", "--help"], ["evaluate", "--help"], ["tokenizer", "--help"]):
-        proc = run_cli(*cmd)
-        assert proc.returncode == 0 and "Usage" in proc.stdout
-    assert "Example" in run_cli("translate", "--help").stdout
+    top = run_cli("--help")
+    assert top.returncode == 0 and "Usage" in top.stdout and "--install-completion" in top.stdout
+    for cmd in COMMANDS:
+        proc = run_cli(*cmd.split(), "--help")
+        assert proc.returncode == 0 and "Usage" in proc.stdout and "Example" in proc.stdout, cmd
+        assert cmd.split()[-1] in top.stdout or cmd.startswith("tokenizer")
+
+
+def test_shell_completion_script():
+    proc = run_cli("--show-completion", "bash")
+    assert proc.returncode == 0 and "complete " in proc.stdout and "seqtool" in proc.stdout
+
+
+def test_no_color_is_respected():
+    colour = re.compile(r"\x1b\[(?:[0-9;]*;)?(?:3[0-8]|4[0-8]|9[0-7])(?:;[0-9;]*)?m")  # foreground/background codes
+    forced = run_cli("translate", "--bogus", env={"FORCE_COLOR": "1"})
+    assert forced.returncode == 2 and colour.search(forced.stderr)  # the check can see colour
+    plain = run_cli("translate", "--bogus", env={"FORCE_COLOR": "1", "NO_COLOR": "1"})
+    assert plain.returncode == 2 and "No such option" in plain.stderr and not colour.search(plain.stderr)
