@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from seqtool import __version__
-from seqtool.checkpoint import (MODEL_FILE, STATE_FILE, STEP_FILE, ModelBundle, load_state, save_model, save_state,
-                                step_models)
+from seqtool.checkpoint import (MODEL_FILE, STATE_FILE, STEP_FILE, ModelBundle, append_line, atomic_write, load_state,
+                                save_model, save_state, step_models)
 from seqtool.config import Config, TrainingConfig, dump_config
 from seqtool.data import Examples, encode_pairs, epoch_batches, make_batch, read_pairs
 from seqtool.errors import ConfigError, SeqtoolError
@@ -202,8 +202,7 @@ class Trainer:
             p.bad_validations += 1
         update_plateau(t, p, score, higher)
         p.last_valid = record
-        with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.dir / "metrics.jsonl", json.dumps(record))
         shown = {k: v for k, v in record.items() if k.startswith("valid_")}
         self.reporter.log(f"validation at step {p.step}: " + " ".join(f"{k}={v}" for k, v in shown.items())
                           + (" (best)" if improved else ""))
@@ -279,6 +278,29 @@ class Trainer:
         return reason
 
 
+def tidy_after_crash(model_dir: Path, step: int) -> None:
+    """Before resuming at `step`: remove temporary files a killed run left, and metrics lines after `step`.
+
+    A run killed between logging a validation and saving its state redoes those steps; without the
+    trim, metrics.jsonl would hold two records for them.
+    """
+    for stale in model_dir.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+    path = model_dir / "metrics.jsonl"
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if _record_step(line) <= step]
+        if len(kept) != len(lines):
+            atomic_write(path, "".join(kept).encode("utf-8"))
+
+
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf  # a torn or foreign line goes too
+
+
 def prepare(cfg: Config, reporter: Reporter, resume: bool) -> Trainer:
     """Read data, build or restore tokenizers and model, and return a Trainer ready to run."""
     check_data_paths(cfg)
@@ -295,10 +317,14 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool) -> Trainer:
         bundle.config = cfg
         progress = Progress(**saved_progress)
         bundle.model.train()
+        tidy_after_crash(model_dir, progress.step)
     else:
         if state_path.exists() or (model_dir / MODEL_FILE).exists():
             raise SeqtoolError(f"{model_dir} already holds a run; use --resume, or choose another training.model_dir")
-        model_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            model_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SeqtoolError(f"cannot create the model dir {model_dir}: {exc.strerror}") from None
     torch.manual_seed(cfg.training.seed)
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
@@ -320,7 +346,7 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool) -> Trainer:
     if cfg.data.valid_src:
         valid_src, valid_ref = read_pairs(cfg.data.valid_src, cfg.data.valid_tgt)
         valid = encode_pairs(valid_src, valid_ref, bundle.src_tok, bundle.tgt_tok, 1 << 30, 1 << 30, cfg.data.truncate_src)
-    (model_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    atomic_write(model_dir / "config.yaml", dump_config(cfg).encode("utf-8"))
     params = sum(t.numel() for t in bundle.model.parameters())
     reporter.log(f"model: {cfg.model.cell} {cfg.model.context}, {params:,} parameters, vocab "
                  f"{bundle.src_tok.vocab_size}/{bundle.tgt_tok.vocab_size}")
