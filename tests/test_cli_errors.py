@@ -84,7 +84,7 @@ def test_translate_output_file_not_half_written(trained_model, tmp_path):
 
 def test_crlf_bom_and_long_line_accepted(trained_model, tmp_path):
     src = tmp_path / "in.txt"
-    src.write_bytes(b"\xef\xbb\xbfzuza zobo.\r\n\r\n" + b"zobo " * 3000 + b"\n")
+    src.write_bytes(b"\xef\xbb\xbfzuza zobo.\r\n\r\n" + b"zobo " * 210_000 + b"\n")  # a 1 MB line
     proc = run_cli("translate", "-m", str(trained_model), str(src), "-b", "1")
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.split("\n")) == 4
