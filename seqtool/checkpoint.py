@@ -92,8 +92,9 @@ def _pack(tensors: dict[str, torch.Tensor], kind: str, meta: dict[str, Any]) -> 
     return st_save(tensors, metadata=metadata)
 
 
-def _unpack(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _unpack(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and check a safetensors file of ours; everything else is one ModelFileError."""
+    path = Path(path)
     if not path.exists():
         raise ModelFileError(f"model file not found: {path}")
     if path.is_dir():

@@ -42,6 +42,7 @@ def train(
     model_dir: Optional[str] = typer.Option(None, "--model-dir", "-o", help="Where to write the run (training.model_dir)."),
     overrides: List[str] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in training.model_dir where it stopped."),
+    nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes on this machine (torch.distributed; same as torchrun --nproc-per-node)."),
     quiet: bool = QuietOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print the resolved config, and a log line every 10 steps instead of the bar."),
 ) -> None:
@@ -55,9 +56,11 @@ def train(
         seqtool train -c configs/sample.yaml --set training.max_steps=2000
 
         seqtool train --src train.de --tgt train.en --valid-src dev.de --valid-tgt dev.en -o runs/first
+
+        seqtool train -c configs/sample.yaml --nproc 2      (or: torchrun --nproc-per-node 2 -m seqtool train -c ...)
     """
     from seqtool.config import load_config
-    from seqtool.train import run_training
+    from seqtool.train import check_before_start, run_training
 
     flags = {"data.train_src": src, "data.train_tgt": tgt, "data.valid_src": valid_src, "data.valid_tgt": valid_tgt,
              "training.model_dir": model_dir}
@@ -68,7 +71,24 @@ def train(
         if value is not None:  # set as given: a file name is never parsed as YAML
             section, name = key.split(".")
             setattr(getattr(cfg, section), name, value)
+    if nproc != 1:
+        from seqtool.distributed import launch
+
+        check_before_start(cfg, resume)  # the usual mistakes once, here, rather than once per process
+        raise typer.Exit(launch(nproc, _without_nproc(sys.argv[1:])))
     run_training(cfg, resume=resume, quiet=quiet, verbose=verbose)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def _decoding(bundle, overrides: List[str], flags: dict):
@@ -408,7 +428,8 @@ def main() -> None:
     try:
         app()  # Typer handles --help, usage errors (exit 2), Ctrl-C and a closed stdout (quiet exit 1)
     except SeqtoolError as exc:
-        _err(f"error: {exc}")
+        rank = os.environ.get("RANK", "0")  # under torchrun, say which process (rank 0 speaks plainly)
+        _err(f"error: {exc}" if rank == "0" else f"error (rank {rank}): {exc}")
         sys.exit(exc.exit_code)
 
 

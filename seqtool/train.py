@@ -18,6 +18,7 @@ from seqtool.checkpoint import (MODEL_FILE, STATE_FILE, STEP_FILE, ModelBundle, 
                                 save_model, save_state, step_models)
 from seqtool.config import Config, TrainingConfig, dump_config
 from seqtool.data import Examples, encode_pairs, epoch_batches, make_batch, read_pairs
+from seqtool.distributed import Ranks, all_reduce, init_from_env, main_does, my_share, shutdown
 from seqtool.errors import ConfigError, SeqtoolError
 from seqtool.metrics import bleu
 from seqtool.model.seq2seq import build_model
@@ -148,10 +149,19 @@ class Trainer:
     valid_ref: list[str]
     reporter: Reporter
     progress: Progress = field(default_factory=Progress)
+    ranks: Ranks = field(default_factory=Ranks)
 
     def __post_init__(self) -> None:
         self.dir = Path(self.cfg.training.model_dir)
         self.optimizer = torch.optim.Adam(self.bundle.model.parameters(), lr=self.cfg.training.lr)
+        # Several processes: DDP averages the gradients; the plain model still validates and is saved.
+        self.net = torch.nn.parallel.DistributedDataParallel(self.bundle.model) if self.ranks.parallel else self.bundle.model
+
+    def _on_main(self, fn):
+        """Validate / save on rank 0; every rank then continues with rank 0's progress."""
+        result, progress = main_does(lambda: (fn(), self.progress), self.ranks)
+        vars(self.progress).update(vars(progress))
+        return result
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _info(self) -> dict:
@@ -229,34 +239,49 @@ class Trainer:
                 self.reporter.set_total(min(limits) if limits else None)
                 while p.batch_in_epoch < len(batches):
                     idx = batches[p.batch_in_epoch]
-                    batch = make_batch([self.train.src[i] for i in idx], [self.train.tgt[i] for i in idx])
+                    share, real = my_share(idx, self.ranks) if self.ranks.parallel else (idx, True)
+                    batch = make_batch([self.train.src[i] for i in share], [self.train.tgt[i] for i in share])
+                    # Every rank knows the whole batch, so the global token count needs no message.
+                    tokens = sum(len(self.train.tgt[i]) + 1 for i in idx) if self.ranks.parallel else batch.n_tgt_tokens
                     for group in self.optimizer.param_groups:
                         group["lr"] = learning_rate(t, p)
-                    loss = batch_loss(model, batch, t.label_smoothing)
+                    loss = batch_loss(self.net, batch, t.label_smoothing)
+                    if not real:  # a stand-in sentence: takes part in the gradient exchange, adds nothing
+                        loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
                     self.optimizer.zero_grad(set_to_none=True)
-                    if not torch.isfinite(loss):
+                    local = loss.item()
+                    total, nonfinite = all_reduce([local if math.isfinite(local) else 0.0,
+                                                   float(not math.isfinite(local))], self.ranks)
+                    if nonfinite:
+                        shown = local if not math.isfinite(local) else float("nan")
                         if t.on_nan == "stop":
-                            raise SeqtoolError(f"step {p.step + 1}: loss is {loss.item()}; stopped (training.on_nan=stop); "
+                            raise SeqtoolError(f"step {p.step + 1}: loss is {shown}; stopped (training.on_nan=stop); "
                                                f"the checkpoints in {self.dir} are from before it")
-                        self.reporter.log(f"step {p.step + 1}: loss is {loss.item()}; batch skipped (training.on_nan=skip)")
+                        self.reporter.log(f"step {p.step + 1}: loss is {shown}; batch skipped (training.on_nan=skip)")
                     else:
-                        (loss / batch.n_tgt_tokens).backward()
+                        # DDP averages over ranks: scaling by world makes it the global per-token mean.
+                        (loss / tokens * self.ranks.world).backward()
                         if t.clip_grad_norm > 0:
                             torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
                         self.optimizer.step()
-                        window["loss"] += loss.item()
-                    window["tokens"] += batch.n_tgt_tokens
-                    window["sents"] += batch.size
+                        window["loss"] += total
+                    window["tokens"] += tokens
+                    window["sents"] += len(idx)
                     p.step += 1
                     p.batch_in_epoch += 1
-                    p.elapsed_s = time.monotonic() - start
+                    # The slowest rank's clock and any rank's signal decide for all, so all stop together.
+                    signalled, p.elapsed_s = all_reduce([float(bool(stop.signal)), time.monotonic() - start], self.ranks,
+                                                       "max")
+                    if signalled and not stop.signal:
+                        stop.signal = "a signal to another rank"
                     dt = max(time.monotonic() - window["t0"], 1e-9)
                     tok_s, sent_s = window["tokens"] / dt, window["sents"] / dt
                     self.reporter.step(p.step, f"loss {window['loss'] / max(window['tokens'], 1):.3f} "
                                                f"{tok_s:,.0f} tok/s lr {learning_rate(t, p):.2e}")
                     if p.step % t.valid_every == 0:
                         last_rates = (sent_s, tok_s)
-                        improved = self.validate(window["loss"] / max(window["tokens"], 1), sent_s, tok_s)
+                        train_loss = window["loss"] / max(window["tokens"], 1)
+                        improved = self._on_main(lambda: self.validate(train_loss, sent_s, tok_s))
                         window = {"loss": 0.0, "tokens": 0, "sents": 0, "t0": time.monotonic()}
                         p.elapsed_s = time.monotonic() - start  # validation time counts against max_minutes
                         if not improved and t.patience and p.bad_validations >= t.patience:
@@ -270,12 +295,30 @@ class Trainer:
                     p.epoch += 1
                     p.batch_in_epoch = 0
         if stop.signal:
-            self.save_checkpoint(best=False, validated=False)
+            self._on_main(lambda: self.save_checkpoint(best=False, validated=False))
         elif p.step % t.valid_every != 0 and p.step > first_step:
             dt = max(time.monotonic() - window["t0"], 1e-9)
             rates = (window["sents"] / dt, window["tokens"] / dt) if window["tokens"] else last_rates
-            self.validate(window["loss"] / max(window["tokens"], 1), *rates)
+            self._on_main(lambda: self.validate(window["loss"] / max(window["tokens"], 1), *rates))
         return reason
+
+
+def check_before_start(cfg: Config, resume: bool) -> None:
+    """The data files exist, and the model dir holds a run to resume, or none to overwrite."""
+    check_data_paths(cfg)
+    model_dir = Path(cfg.training.model_dir)
+    state_path = model_dir / STATE_FILE
+    if resume and not state_path.exists():
+        raise SeqtoolError(f"nothing to resume: {state_path} does not exist")
+    if not resume and (state_path.exists() or (model_dir / MODEL_FILE).exists()):
+        raise SeqtoolError(f"{model_dir} already holds a run; use --resume, or choose another training.model_dir")
+
+
+def make_model_dir(model_dir: Path) -> None:
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SeqtoolError(f"cannot create the model dir {model_dir}: {exc.strerror}") from None
 
 
 def tidy_after_crash(model_dir: Path, step: int) -> None:
@@ -301,15 +344,17 @@ def _record_step(line: str) -> float:
         return math.inf  # a torn or foreign line goes too
 
 
-def prepare(cfg: Config, reporter: Reporter, resume: bool) -> Trainer:
-    """Read data, build or restore tokenizers and model, and return a Trainer ready to run."""
-    check_data_paths(cfg)
+def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks()) -> Trainer:
+    """Read data, build or restore tokenizers and model, and return a Trainer ready to run.
+
+    With several ranks, rank 0 alone touches the model dir and trains the tokenizer; all ranks
+    read the data and build the same model from the same seed.
+    """
+    check_before_start(cfg, resume)
     model_dir = Path(cfg.training.model_dir)
     state_path = model_dir / STATE_FILE
     progress = Progress()
     if resume:
-        if not state_path.exists():
-            raise SeqtoolError(f"nothing to resume: {state_path} does not exist")
         bundle, opt_state, saved_progress, rng = load_state(state_path)
         for section in ("data", "tokenizer", "model"):
             if getattr(bundle.config, section) != getattr(cfg, section):
@@ -317,14 +362,9 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool) -> Trainer:
         bundle.config = cfg
         progress = Progress(**saved_progress)
         bundle.model.train()
-        tidy_after_crash(model_dir, progress.step)
+        main_does(lambda: tidy_after_crash(model_dir, progress.step), ranks)
     else:
-        if state_path.exists() or (model_dir / MODEL_FILE).exists():
-            raise SeqtoolError(f"{model_dir} already holds a run; use --resume, or choose another training.model_dir")
-        try:
-            model_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise SeqtoolError(f"cannot create the model dir {model_dir}: {exc.strerror}") from None
+        main_does(lambda: make_model_dir(model_dir), ranks)
     torch.manual_seed(cfg.training.seed)
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
@@ -333,7 +373,9 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool) -> Trainer:
     if not resume:
         reporter.log(f"training {cfg.tokenizer.type} tokenizer ({'joint' if cfg.tokenizer.joint else 'separate'}, "
                      f"up to {cfg.tokenizer.vocab_size} pieces)")
-        src_tok, tgt_tok = build_tokenizers(cfg, src_lines, tgt_lines)
+        blobs = main_does(lambda: tuple(t.model_bytes for t in build_tokenizers(cfg, src_lines, tgt_lines)), ranks)
+        src_tok = Tokenizer.from_bytes(blobs[0])
+        tgt_tok = src_tok if cfg.tokenizer.joint else Tokenizer.from_bytes(blobs[1])
         model = build_model(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size)
         bundle = ModelBundle(model, cfg, src_tok, tgt_tok, {})
     train = encode_pairs(src_lines, tgt_lines, bundle.src_tok, bundle.tgt_tok, cfg.data.max_src_len, cfg.data.max_tgt_len,
@@ -346,27 +388,34 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool) -> Trainer:
     if cfg.data.valid_src:
         valid_src, valid_ref = read_pairs(cfg.data.valid_src, cfg.data.valid_tgt)
         valid = encode_pairs(valid_src, valid_ref, bundle.src_tok, bundle.tgt_tok, 1 << 30, 1 << 30, cfg.data.truncate_src)
-    atomic_write(model_dir / "config.yaml", dump_config(cfg).encode("utf-8"))
+    main_does(lambda: atomic_write(model_dir / "config.yaml", dump_config(cfg).encode("utf-8")), ranks)
     params = sum(t.numel() for t in bundle.model.parameters())
     reporter.log(f"model: {cfg.model.cell} {cfg.model.context}, {params:,} parameters, vocab "
                  f"{bundle.src_tok.vocab_size}/{bundle.tgt_tok.vocab_size}")
-    trainer = Trainer(cfg, bundle, train, valid, valid_src, valid_ref, reporter, progress)
+    trainer = Trainer(cfg, bundle, train, valid, valid_src, valid_ref, reporter, progress, ranks)
     if resume:
         trainer.optimizer.load_state_dict(opt_state)
         torch.set_rng_state(rng)
         reporter.log(f"resuming at step {progress.step} (epoch {progress.epoch})")
+    if ranks.parallel:  # the same weights everywhere (DDP checked), but different dropout masks per rank
+        torch.manual_seed(cfg.training.seed + 1000 * ranks.rank + progress.step)
     return trainer
 
 
 def run_training(cfg: Config, resume: bool = False, quiet: bool = False, verbose: bool = False) -> Trainer:
-    reporter = Reporter(quiet=quiet, verbose=verbose)
+    """Train on one process, or on each of the ranks torchrun started (then rank 0 alone reports)."""
+    ranks = init_from_env()
+    reporter = Reporter(quiet=quiet or not ranks.main, verbose=verbose)
     if verbose:
         reporter.log("config:\n" + dump_config(cfg).rstrip())
+    if ranks.parallel:
+        reporter.log(f"data-parallel training on {ranks.world} processes (torch.distributed, gloo)")
     try:
-        trainer = prepare(cfg, reporter, resume)
+        trainer = prepare(cfg, reporter, resume, ranks)
         reason = trainer.run()
     finally:
         reporter.close()
+        shutdown(ranks)
     p = trainer.progress
     reporter.log(f"{reason}; step {p.step}, best {cfg.training.keep_best_by} {p.best} at step {p.best_step}; "
                  f"model in {Path(cfg.training.model_dir) / MODEL_FILE}")

@@ -1,0 +1,120 @@
+"""Data-parallel training on torch.distributed: which rank am I, my share of a batch, agreeing on decisions.
+
+Started by `torchrun` (or `seqtool train --nproc N`, which calls it): torchrun sets RANK and
+WORLD_SIZE, and every rank runs the same trainer. All ranks build the same global batches from the
+same seed; each takes every world-th sentence of a batch, and DistributedDataParallel averages the
+gradients. Rank 0 alone validates, logs and writes files, and tells the others what it decided.
+With one process (no torchrun) every function here is a no-op, so the single-process path is
+exactly the plain one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from seqtool.errors import SeqtoolError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that validates, logs and writes."""
+        return self.rank == 0
+
+    @property
+    def parallel(self) -> bool:
+        return self.world > 1
+
+
+def init_from_env() -> Ranks:
+    """Join the process group torchrun describes in the environment (gloo: CPU); one process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks()
+    if not dist.is_initialized():
+        # Rank 0 validates while the others wait in a broadcast: allow long validations.
+        dist.init_process_group(backend="gloo", timeout=timedelta(hours=2))
+    return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def shutdown(ranks: Ranks) -> None:
+    if ranks.parallel and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def my_share(idx: Sequence[int], ranks: Ranks) -> tuple[list[int], bool]:
+    """This rank's sentences of a global batch -> (indices, real). A batch with fewer sentences than
+    ranks gives the short ranks a stand-in sentence (real=False) whose loss is weighted 0."""
+    share = list(idx[ranks.rank :: ranks.world])
+    return (share, True) if share else ([idx[0]], False)
+
+
+def all_reduce(values: list[float], ranks: Ranks, op: str = "sum") -> list[float]:
+    """Element-wise sum or max of `values` over all ranks (as given, with one process)."""
+    if not ranks.parallel:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return t.tolist()
+
+
+def from_main(obj: T, ranks: Ranks) -> T:
+    """Rank 0's `obj` on every rank (any picklable value made by this program, never read from a file)."""
+    if not ranks.parallel:
+        return obj
+    box: list[Any] = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def main_does(fn: Callable[[], T], ranks: Ranks) -> T:
+    """Run `fn` on rank 0 only and hand its result, or the user error it raised, to every rank."""
+    if not ranks.parallel:
+        return fn()
+    result, error = None, None
+    if ranks.main:
+        try:
+            result = fn()
+        except SeqtoolError as exc:
+            error = exc
+    result, error = from_main((result, error), ranks)
+    if error is not None:
+        raise error
+    return result
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """`seqtool train --nproc N ...`: run `seqtool ARGV` in N local processes through torch's elastic
+    launcher (what torchrun --standalone does); returns the exit code of the first failing rank, or 0.
+
+    The workers print their own errors (rank 0 only); the launcher's own logging is kept quiet.
+    """
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does: N processes share the cores
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "seqtool", *argv)
+    except ChildFailedError as exc:
+        codes = [f.exitcode for f in exc.failures.values()]
+        return next((c for c in codes if c and c > 0), 1)
+    return 0
