@@ -155,9 +155,10 @@ def bundle_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Pa
         raise ModelFileError(f"{path}: its config is not valid for this seqtool ({exc})") from None
     if "tokenizer.src" not in tensors:
         raise ModelFileError(f"{path}: no tokenizer inside the model file")
-    src_tok = Tokenizer.from_bytes(tensors["tokenizer.src"].numpy().tobytes())
+    word = config.tokenizer.type == "word"
+    src_tok = Tokenizer.from_bytes(tensors["tokenizer.src"].numpy().tobytes(), word)
     tgt = tensors.get("tokenizer.tgt")
-    tgt_tok = src_tok if tgt is None else Tokenizer.from_bytes(tgt.numpy().tobytes())
+    tgt_tok = src_tok if tgt is None else Tokenizer.from_bytes(tgt.numpy().tobytes(), word)
     model = build_model(config.model, src_tok.vocab_size, tgt_tok.vocab_size)
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     expected = model.state_dict()

@@ -36,9 +36,10 @@ class Tokenizer:
 
     model_bytes: bytes
     sp: spm.SentencePieceProcessor
+    word: bool = False  # tokenizer.type word: exactly one id per space-separated token
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Tokenizer":
+    def from_bytes(cls, data: bytes, word: bool = False) -> "Tokenizer":
         sp = spm.SentencePieceProcessor()
         try:
             sp.LoadFromSerializedProto(data)
@@ -46,7 +47,7 @@ class Tokenizer:
             raise ModelFileError("the tokenizer inside the model is damaged") from None
         if (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) != (PAD, UNK, BOS, EOS):
             raise ModelFileError("tokenizer was not made by seqtool (unexpected special ids)")
-        return cls(data, sp)
+        return cls(data, sp, word)
 
     @classmethod
     def from_file(cls, path: str) -> "Tokenizer":
@@ -61,13 +62,17 @@ class Tokenizer:
         return self.sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
+        if self.word:  # sentencepiece would merge neighbouring unknown words into one <unk>
+            return [self.sp.piece_to_id("\u2581" + w) for w in _escape(text).split()]
         return self.sp.encode(_escape(text))
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.word:
+            return [self.encode(t) for t in texts]
         return self.sp.encode([_escape(t) for t in texts])
 
     def pieces(self, text: str) -> list[str]:
-        return self.sp.encode(_escape(text), out_type=str)
+        return [self.sp.id_to_piece(i) for i in self.encode(text)]
 
     def decode(self, ids: list[int]) -> str:
         return _unescape(self.sp.decode(ids))
@@ -119,7 +124,7 @@ def train_tokenizer(lines: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
             raise DataError(f"tokenizer.vocab_size {need.group(1)} is too small: this data needs at least "
                             f"{need.group(2)} pieces (its characters{', plus 256 byte pieces' if model_type in ('bpe', 'unigram') else ''})") from None
         raise DataError(f"sentencepiece training failed: {str(exc).strip().splitlines()[-1]}") from None
-    return Tokenizer.from_bytes(model.getvalue())
+    return Tokenizer.from_bytes(model.getvalue(), word=model_type == "word")
 
 
 def _training_lines(lines: Iterable[str]) -> Iterator[str]:

@@ -374,8 +374,9 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
         reporter.log(f"training {cfg.tokenizer.type} tokenizer ({'joint' if cfg.tokenizer.joint else 'separate'}, "
                      f"up to {cfg.tokenizer.vocab_size} pieces)")
         blobs = main_does(lambda: tuple(t.model_bytes for t in build_tokenizers(cfg, src_lines, tgt_lines)), ranks)
-        src_tok = Tokenizer.from_bytes(blobs[0])
-        tgt_tok = src_tok if cfg.tokenizer.joint else Tokenizer.from_bytes(blobs[1])
+        word = cfg.tokenizer.type == "word"
+        src_tok = Tokenizer.from_bytes(blobs[0], word)
+        tgt_tok = src_tok if cfg.tokenizer.joint else Tokenizer.from_bytes(blobs[1], word)
         model = build_model(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size)
         bundle = ModelBundle(model, cfg, src_tok, tgt_tok, {})
     train = encode_pairs(src_lines, tgt_lines, bundle.src_tok, bundle.tgt_tok, cfg.data.max_src_len, cfg.data.max_tgt_len,

@@ -41,6 +41,15 @@ def test_word_type_keeps_presegmented_tokens():
     assert tok.decode(tok.encode(lines[1])) == lines[1]
 
 
+def test_word_type_gives_one_id_per_word_even_for_unknown_neighbours():
+    """sentencepiece alone merges adjacent unknown words into one <unk>; a couplet's length would be lost."""
+    tok = train_tokenizer(["指 点 江 山 ， 书 生 意 气"] * 3, TokenizerConfig(type="word", vocab_size=100))
+    ids = tok.encode("跄 跄 江 肸 蚃 ，")
+    assert ids == tok.encode_batch(["跄 跄 江 肸 蚃 ，"])[0] and len(ids) == 6
+    assert ids[0] == ids[1] == ids[3] == ids[4] == UNK and ids[2] != UNK
+    assert tok.pieces("江 山") == ["▁江", "▁山"]
+
+
 def test_char_type_and_fullwidth_punctuation_kept():
     lines = ["上联：春风，化雨。", "下联：秋月，流光。"]
     tok = train_tokenizer(lines, TokenizerConfig(type="char", vocab_size=100))
