@@ -71,16 +71,18 @@ def main() -> None:
             model = f"{tmp}/tiny"
             subprocess.run([sys.executable, "-m", "seqtool", "train", "-c", "configs/sample.yaml", "-q",
                             "--set", f"training.model_dir={model}", *TINY], cwd=ROOT, check=True)
-        rows = [translate(model, int(n), args.beam) for n in args.sizes.split(",")]
-    base = rows[0]
-    print(f"model {args.model or 'tiny (hidden 32)'}, beam {args.beam}, {os.cpu_count()} cores")
-    print("| lines | exit | lines out | empty lines in place | repeats identical % | wall s | lines/s | peak RSS MB "
-          "| time / first | RSS / first |")
-    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['lines']:,} | {r['rc']} | {r['out_lines']:,} | {r['in_order']} | {r['same_as_first_pct']} "
-              f"| {r['wall_s']} | {r['lines_per_s']} "
-              f"| {r['peak_rss_mb']} | {r['wall_s'] / base['wall_s']:.2f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} |")
+        print(f"model {args.model or 'tiny (hidden 32)'}, beam {args.beam}, {os.cpu_count()} cores")
+        print("| lines | exit | lines out | empty lines in place | repeats identical % | wall s | lines/s | peak RSS MB "
+              "| time / first | RSS / first |")
+        print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|", flush=True)
+        rows = []
+        for n in args.sizes.split(","):  # each row as soon as it is measured
+            r = translate(model, int(n), args.beam)
+            rows.append(r)
+            base = rows[0]
+            print(f"| {r['lines']:,} | {r['rc']} | {r['out_lines']:,} | {r['in_order']} | {r['same_as_first_pct']} "
+                  f"| {r['wall_s']} | {r['lines_per_s']} | {r['peak_rss_mb']} | {r['wall_s'] / base['wall_s']:.2f} "
+                  f"| {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} |", flush=True)
     if not all(r["rc"] == 0 and r["in_order"] for r in rows):
         sys.exit("some run lost, reordered or mistranslated lines")
 
