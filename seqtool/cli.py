@@ -105,7 +105,7 @@ def _decoding(bundle, overrides: List[str], flags: dict):
 
 
 def _translator(model: Path, overrides: List[str], flags: dict, quiet: bool, verbose: bool = False,
-                attention: bool = False, bundle=None):
+                attention: bool = False, bundle=None, pieces: bool = False):
     """A Translator for the model at `model` (or the already loaded `bundle`) with decoding flags applied."""
     from seqtool.checkpoint import load_model
     from seqtool.translate import Translator
@@ -117,7 +117,7 @@ def _translator(model: Path, overrides: List[str], flags: dict, quiet: bool, ver
         _err(f"model: {model} ({m.cell}, context {m.context}, vocab {bundle.src_tok.vocab_size}/{bundle.tgt_tok.vocab_size})")
         _err("decoding: " + " ".join(f"{k}={v}" for k, v in decoding.model_dump().items()))
     return Translator(bundle.model, bundle.src_tok, bundle.tgt_tok, decoding, bundle.config.data.truncate_src,
-                      warn=(lambda m: None) if quiet else _err, with_attention=attention)
+                      warn=(lambda m: None) if quiet else _err, with_attention=attention, with_pieces=pieces)
 
 
 ModelOpt = typer.Option(..., "--model", "-m", help="A model file, or a model dir (uses its model.safetensors).")
@@ -166,7 +166,8 @@ def translate(
         raise SeqtoolError("--attention adds weights to JSON output: use it with --format json")
     flags = {"beam_size": beam, "nbest": nbest, "batch_size": batch_size, "length_penalty": length_penalty,
              "sample": sample or None, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
-    translator = _translator(model, overrides, flags, quiet, verbose, attention or attention_plot is not None)
+    translator = _translator(model, overrides, flags, quiet, verbose, attention or attention_plot is not None,
+                             pieces=fmt == "json")
     each = _attention_plotter(attention_plot) if attention_plot is not None else None
     lines = iter_lines(input)
     start = time.monotonic()
@@ -355,7 +356,8 @@ def serve(
     if max_lines < 1 or wait_ms < 0:
         raise SeqtoolError("--max-lines must be at least 1 and --batch-wait-ms at least 0")
     bundle = load_model(model)
-    translator = _translator(model, overrides, {"beam_size": beam, "batch_size": batch_size}, False, verbose, bundle=bundle)
+    translator = _translator(model, overrides, {"beam_size": beam, "batch_size": batch_size}, False, verbose, bundle=bundle,
+                             pieces=True)
     card = model_card(bundle, resolve_model_path(model))
     run_server(make_app(translator, card, max_lines, wait_ms=wait_ms), host, port, verbose)
 

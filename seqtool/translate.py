@@ -52,6 +52,7 @@ class Translator:
     truncate_src: int = 0  # data.truncate_src: sources are cut to this many tokens, silently
     warn: Callable[[str], None] = lambda message: None
     with_attention: bool = False  # fill Translation.attention (attention models only)
+    with_pieces: bool = False  # fill Translation.src_pieces / pieces (JSON output); off in plain text, the hot path
 
     def __post_init__(self) -> None:
         if self.with_attention and self.model.decoder.mode != "attention":
@@ -105,8 +106,9 @@ class Translator:
     def _translation(self, ids: list[int], hyps: list[Hypothesis]) -> Translation:
         texts = [(self.tgt_tok.decode(h.tokens), h.score) for h in hyps]
         best = hyps[0].tokens if hyps else []
-        return Translation(texts[0][0] if texts else "", texts, self.src_tok.id_pieces(ids),
-                           self.tgt_tok.id_pieces(best),
+        pieces = self.with_pieces or self.with_attention
+        return Translation(texts[0][0] if texts else "", texts, self.src_tok.id_pieces(ids) if pieces else [],
+                           self.tgt_tok.id_pieces(best) if pieces else [],
                            attention_weights(self.model, ids, best) if self.with_attention else None)
 
 
