@@ -89,7 +89,7 @@ def _unaliased(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _pack(tensors: dict[str, torch.Tensor], kind: str, meta: dict[str, Any]) -> bytes:
     metadata = {"format": kind, "format_version": str(FORMAT_VERSION)}
     metadata.update({k: json.dumps(v) for k, v in meta.items()})
-    return st_save(tensors, metadata=metadata)
+    return st_save({k: v.cpu() for k, v in tensors.items()}, metadata=metadata)
 
 
 def _unpack(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

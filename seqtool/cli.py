@@ -26,6 +26,7 @@ app.add_typer(tokenizer_app, name="tokenizer")
 SetOpt = typer.Option([], "--set", help="Override a config key: --set section.key=value (repeatable).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="Only errors on stderr.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="More detail on stderr.")
+DeviceOpt = typer.Option(None, "--device", help="auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda or cuda:N.")
 
 
 def _err(message: str) -> None:
@@ -42,6 +43,7 @@ def train(
     model_dir: Optional[str] = typer.Option(None, "--model-dir", "-o", help="Where to write the run (training.model_dir)."),
     overrides: List[str] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in training.model_dir where it stopped."),
+    device: Optional[str] = DeviceOpt,
     nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes on this machine (torch.distributed; same as torchrun --nproc-per-node)."),
     quiet: bool = QuietOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print the resolved config, and a log line every 10 steps instead of the bar."),
@@ -66,7 +68,7 @@ def train(
              "training.model_dir": model_dir}
     if config is None and src is None:
         raise SeqtoolError("give a config with -c FILE (see configs/), or the data with --src and --tgt")
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, [*overrides, *([f"training.device={device}"] if device else [])])
     for key, value in flags.items():
         if value is not None:  # set as given: a file name is never parsed as YAML
             section, name = key.split(".")
@@ -108,13 +110,16 @@ def _translator(model: Path, overrides: List[str], flags: dict, quiet: bool, ver
                 attention: bool = False, bundle=None, pieces: bool = False):
     """A Translator for the model at `model` (or the already loaded `bundle`) with decoding flags applied."""
     from seqtool.checkpoint import load_model
+    from seqtool.device import pick_device
     from seqtool.translate import Translator
 
     bundle = bundle or load_model(model)
     decoding = _decoding(bundle, overrides, flags)
+    bundle.model.to(pick_device(decoding.device))
     if verbose:
         m = bundle.config.model
-        _err(f"model: {model} ({m.cell}, context {m.context}, vocab {bundle.src_tok.vocab_size}/{bundle.tgt_tok.vocab_size})")
+        _err(f"model: {model} ({m.cell}, context {m.context}, vocab {bundle.src_tok.vocab_size}/{bundle.tgt_tok.vocab_size}) "
+             f"on {bundle.model.device}")
         _err("decoding: " + " ".join(f"{k}={v}" for k, v in decoding.model_dump().items()))
     return Translator(bundle.model, bundle.src_tok, bundle.tgt_tok, decoding, bundle.config.data.truncate_src,
                       warn=(lambda m: None) if quiet else _err, with_attention=attention, with_pieces=pieces)
@@ -142,6 +147,7 @@ def translate(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling (same seed, same output)."),
     fmt: str = typer.Option("text", "--format", help="text: one line per input; json: one JSON object per input with n-best, scores and pieces."),
     attention: bool = typer.Option(False, "--attention", help="Add each output's attention weights to --format json (attention models)."),
+    device: Optional[str] = DeviceOpt,
     attention_plot: Optional[Path] = typer.Option(None, "--attention-plot", help="Save an attention heatmap per input line to this folder (LINE.png; with --format json the weights are shown too)."),
     overrides: List[str] = SetOpt,
     quiet: bool = QuietOpt,
@@ -165,7 +171,8 @@ def translate(
     if attention and fmt != "json":
         raise SeqtoolError("--attention adds weights to JSON output: use it with --format json")
     flags = {"beam_size": beam, "nbest": nbest, "batch_size": batch_size, "length_penalty": length_penalty,
-             "sample": sample or None, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+             "sample": sample or None, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
+             "device": device}
     translator = _translator(model, overrides, flags, quiet, verbose, attention or attention_plot is not None,
                              pieces=fmt == "json")
     each = _attention_plotter(attention_plot) if attention_plot is not None else None
@@ -216,6 +223,7 @@ def evaluate(
     length_penalty: Optional[float] = LpOpt,
     metrics: str = typer.Option("bleu,chrf", "--metrics", help="Comma-separated: bleu, chrf, bleu_char, rouge, couplet."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of text."),
+    device: Optional[str] = DeviceOpt,
     overrides: List[str] = SetOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -240,7 +248,7 @@ def evaluate(
     if hyp is not None:
         hyps = read_lines(hyp)
     elif srcs is not None and model is not None:
-        flags = {"beam_size": beam, "batch_size": batch_size, "length_penalty": length_penalty}
+        flags = {"beam_size": beam, "batch_size": batch_size, "length_penalty": length_penalty, "device": device}
         translator = _translator(model, overrides, flags, quiet)
         hyps = [t.text for t in translator.translate(srcs)]
     else:
@@ -337,6 +345,7 @@ def serve(
     batch_size: Optional[int] = BatchOpt,
     max_lines: int = typer.Option(1000, "--max-lines", help="Most lines per request, and per decoding round."),
     wait_ms: float = typer.Option(5.0, "--batch-wait-ms", help="How long a request waits for others to share its batch."),
+    device: Optional[str] = DeviceOpt,
     overrides: List[str] = SetOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
@@ -356,7 +365,7 @@ def serve(
     if max_lines < 1 or wait_ms < 0:
         raise SeqtoolError("--max-lines must be at least 1 and --batch-wait-ms at least 0")
     bundle = load_model(model)
-    translator = _translator(model, overrides, {"beam_size": beam, "batch_size": batch_size}, False, verbose, bundle=bundle,
+    translator = _translator(model, overrides, {"beam_size": beam, "batch_size": batch_size, "device": device}, False, verbose, bundle=bundle,
                              pieces=True)
     card = model_card(bundle, resolve_model_path(model))
     run_server(make_app(translator, card, max_lines, wait_ms=wait_ms), host, port, verbose)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -15,18 +15,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from seqtool.errors import ConfigError
 
 
+DEVICE = r"^(auto|cpu|cuda(:\d+)?)$"
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class DataConfig(Section):
-    train_src: Optional[str] = None
-    train_tgt: Optional[str] = None
+    train_src: Optional[Union[str, list[str]]] = Field(None, description="a file, a glob pattern, or a list of them (shards)")
+    train_tgt: Optional[Union[str, list[str]]] = Field(None, description="the target files, in the order of train_src")
     valid_src: Optional[str] = None
     valid_tgt: Optional[str] = None
     max_src_len: int = Field(100, gt=0, description="training pairs with more source tokens are dropped")
     max_tgt_len: int = Field(100, gt=0, description="training pairs with more target tokens are dropped")
     truncate_src: int = Field(0, ge=0, description="cut sources to this many tokens (training and decoding); 0 = off")
+    stream: bool = Field(False, description="read training pairs from disk each epoch instead of holding them in memory")
+    shuffle_buffer: int = Field(100_000, gt=0, description="stream: pairs held at once for shuffling and length bucketing")
 
 
 class TokenizerConfig(Section):
@@ -73,6 +78,9 @@ class TrainingConfig(Section):
     keep_last: int = Field(0, ge=0, le=1000, description="also keep the models of the last N validations (seqtool average)")
     patience: int = Field(10, ge=0, description="validations without improvement before stopping; 0 = never")
     threads: int = Field(0, ge=0, description="torch threads; 0 = one per core")
+    device: str = Field("auto", pattern=DEVICE, description="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 or fp16 mixed precision on CUDA, fp32 on the CPU")
     on_nan: Literal["skip", "stop"] = Field("skip", description="a batch whose loss is NaN/inf: skip it, or stop training")
 
 
@@ -96,6 +104,7 @@ class DecodingConfig(Section):
     batch_size: int = Field(64, gt=0, le=100000, description="sentences per decoding batch")
     buffer_lines: int = Field(2000, gt=0, description="lines read ahead and sorted by length")
     max_input_tokens: int = Field(1024, gt=0, description="longer inputs are truncated with a warning")
+    device: str = Field("auto", pattern=DEVICE, description="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N")
 
 
 class Config(Section):

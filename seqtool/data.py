@@ -83,6 +83,9 @@ class Examples:
     def __len__(self) -> int:
         return len(self.src)
 
+    def subset(self, idx: Sequence[int]) -> "Examples":
+        return Examples([self.src[i] for i in idx], [self.tgt[i] for i in idx])
+
 
 def encode_pairs(
     src_lines: Sequence[str],
@@ -121,6 +124,10 @@ class Batch:
     @property
     def size(self) -> int:
         return self.src.size(0)
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.src.to(device), self.src_lens.to(device), self.tgt_in.to(device), self.tgt_out.to(device),
+                     self.n_tgt_tokens)
 
 
 def pad(seqs: Sequence[Sequence[int]], prefix: Sequence[int] = (), suffix: Sequence[int] = ()) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -28,6 +28,7 @@ T = TypeVar("T")
 class Ranks:
     rank: int = 0
     world: int = 1
+    group: Any = field(default=None, compare=False)  # CPU (gloo) group for decisions when NCCL moves gradients
 
     @property
     def main(self) -> bool:
@@ -39,15 +40,28 @@ class Ranks:
         return self.world > 1
 
 
-def init_from_env() -> Ranks:
-    """Join the process group torchrun describes in the environment (gloo: CPU); one process otherwise."""
+def init_from_env(cuda: bool = False) -> Ranks:
+    """Join the process group torchrun describes in the environment (gloo on CPU, NCCL on CUDA);
+    one process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Ranks()
+    # Rank 0 validates while the others wait in a broadcast: allow long validations.
+    timeout = timedelta(hours=2)
     if not dist.is_initialized():
-        # Rank 0 validates while the others wait in a broadcast: allow long validations.
-        dist.init_process_group(backend="gloo", timeout=timedelta(hours=2))
-    return Ranks(dist.get_rank(), dist.get_world_size())
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
+    # Decisions and counters are small CPU values: with NCCL they travel in a gloo group of their own.
+    group = dist.new_group(backend="gloo", timeout=timeout) if cuda else None
+    return Ranks(dist.get_rank(), dist.get_world_size(), group)
+
+
+def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
+    """With several ranks on CUDA, each takes the GPU torchrun gives it (LOCAL_RANK)."""
+    if device.type != "cuda" or not ranks.parallel:
+        return device
+    local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(local)
+    return local
 
 
 def shutdown(ranks: Ranks) -> None:
@@ -67,7 +81,7 @@ def all_reduce(values: list[float], ranks: Ranks, op: str = "sum") -> list[float
     if not ranks.parallel:
         return values
     t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=ranks.group)
     return t.tolist()
 
 
@@ -76,7 +90,7 @@ def from_main(obj: T, ranks: Ranks) -> T:
     if not ranks.parallel:
         return obj
     box: list[Any] = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=ranks.group)
     return box[0]
 
 

@@ -40,6 +40,13 @@ class Rules:
     free_banned: Optional[torch.Tensor] = None  # (V,) bool: banned wherever no token is forced
     no_repeat_ngram: int = 0
 
+    def to(self, device: torch.device) -> "Rules":
+        def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.to(device)
+
+        return Rules(self.min_len.to(device), self.max_len, self.banned.to(device), move(self.forced),
+                     move(self.free_banned), self.no_repeat_ngram)
+
     def apply(self, lp: torch.Tensor, t: int, sents: torch.Tensor, history: Optional[list[list[int]]]) -> torch.Tensor:
         """Mask log-probabilities `lp` (rows, V) for step t; `sents` maps rows to sentences."""
         lp = lp.masked_fill(self.banned, NEG)
@@ -111,7 +118,9 @@ def sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: 
             probs = torch.softmax(ordered, dim=-1)
             outside = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest head with mass >= top_p
             logits = torch.full_like(logits, NEG).scatter(1, order, ordered.masked_fill(outside, NEG))
-        tokens = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+        # Drawn on the CPU, where the seeded generator lives: the same draws on every device.
+        probs = torch.softmax(logits.float(), dim=-1).cpu()
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(lp.device)
         return lp.gather(1, tokens.unsqueeze(1)).squeeze(1), tokens
 
     return pick
@@ -125,10 +134,10 @@ def greedy(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules: Rul
     state = model.encode(src, src_lens)
     B = src.size(0)
     results: list[list[Hypothesis]] = [[] for _ in range(B)]
-    active = torch.arange(B)
+    active = torch.arange(B, device=src.device)
     tokens: list[list[int]] = [[] for _ in range(B)]
     logp = [0.0] * B
-    prev = torch.full((B,), BOS, dtype=torch.long)
+    prev = src.new_full((B,), BOS)
     for t in range(max(rules.max_len)):
         lp, state, _ = model.step(prev, state)
         history = [tokens[s] for s in active.tolist()] if rules.no_repeat_ngram else None
@@ -145,7 +154,7 @@ def greedy(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules: Rul
         if not keep:
             break
         if len(keep) < len(active):
-            index = torch.tensor(keep)
+            index = src.new_tensor(keep)
             state, best, active = state.select(index), best.index_select(0, index), active.index_select(0, index)
         prev = best
     return results
@@ -166,12 +175,13 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules
     """
     K = beam_size
     B = src.size(0)
-    state = model.encode(src, src_lens).select(torch.arange(B).repeat_interleave(K))
-    scores = torch.full((B, K), NEG)
+    dev = src.device
+    state = model.encode(src, src_lens).select(torch.arange(B, device=dev).repeat_interleave(K))
+    scores = torch.full((B, K), NEG, device=dev)
     scores[:, 0] = 0.0  # all beams start identical: keep one so the first step is not K copies
-    history = torch.full((B * K, 0), BOS, dtype=torch.long)
-    prev = torch.full((B * K,), BOS, dtype=torch.long)
-    coverage = torch.zeros(B * K, src.size(1)) if coverage_penalty else None
+    history = src.new_full((B * K, 0), BOS)
+    prev = src.new_full((B * K,), BOS)
+    coverage = torch.zeros(B * K, src.size(1), device=dev) if coverage_penalty else None
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     active = list(range(B))
 
@@ -186,7 +196,7 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules
         if coverage is not None:  # only attention models report weights; without them there is no coverage
             coverage = None if weights is None else coverage + weights
         n, V = len(active), lp.size(-1)
-        sents = torch.tensor(active).repeat_interleave(K)
+        sents = torch.tensor(active, device=dev).repeat_interleave(K)
         lp = rules.apply(lp, t, sents, history.tolist() if rules.no_repeat_ngram else None)
         cand = (scores.view(-1, 1) + lp).view(n, K * V)
         top_scores, top_idx = cand.topk(min(2 * K, K * V), dim=1)
@@ -219,13 +229,13 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules
                 scores_out.append(sc)
         if not keep_sents:
             break
-        index = torch.tensor(rows_out)
+        index = torch.tensor(rows_out, device=dev)
         state = state.select(index)
         if coverage is not None:
             coverage = coverage.index_select(0, index)
-        prev = torch.tensor(toks_out)
+        prev = torch.tensor(toks_out, device=dev)
         history = torch.cat([history.index_select(0, index), prev.unsqueeze(1)], dim=1)
-        scores = torch.tensor(scores_out).view(len(keep_sents), K)
+        scores = torch.tensor(scores_out, device=dev).view(len(keep_sents), K)
         active = keep_sents
     for hyps in finished:
         hyps.sort(key=lambda h: h.score, reverse=True)

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 import sentencepiece as spm
 
 from seqtool.config import TokenizerConfig
-from seqtool.errors import DataError, ModelFileError
+from seqtool.errors import DataError, ModelFileError, SeqtoolError
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
@@ -99,11 +99,12 @@ class Tokenizer:
 def train_tokenizer(lines: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
     """Train a sentencepiece model in memory on `lines`."""
     model = io.BytesIO()
+    failed: list[SeqtoolError] = []  # a bad line read from a file inside sentencepiece's loop: raised below
     # 'word' means the text is already segmented (e.g. couplets: one character per token).
     model_type = cfg.type
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_lines(lines),
+            sentence_iterator=_training_lines(lines, failed),
             model_writer=model,
             model_type=model_type,
             vocab_size=cfg.vocab_size,
@@ -119,16 +120,24 @@ def train_tokenizer(lines: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
             minloglevel=2,
         )
     except RuntimeError as exc:
+        if failed:
+            raise failed[0] from None
         need = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(exc))
         if need:
             raise DataError(f"tokenizer.vocab_size {need.group(1)} is too small: this data needs at least "
                             f"{need.group(2)} pieces (its characters{', plus 256 byte pieces' if model_type in ('bpe', 'unigram') else ''})") from None
         raise DataError(f"sentencepiece training failed: {str(exc).strip().splitlines()[-1]}") from None
+    if failed:
+        raise failed[0]
     return Tokenizer.from_bytes(model.getvalue(), word=model_type == "word")
 
 
-def _training_lines(lines: Iterable[str]) -> Iterator[str]:
-    """Non-empty lines, escaped as encode() will see them."""
-    for line in lines:
-        if line.strip():
-            yield _escape(line)
+def _training_lines(lines: Iterable[str], failed: list[SeqtoolError]) -> Iterator[str]:
+    """Non-empty lines, escaped as encode() will see them; a user error reading them is kept in `failed`
+    (sentencepiece would turn it into its own message)."""
+    try:
+        for line in lines:
+            if line.strip():
+                yield _escape(line)
+    except SeqtoolError as exc:
+        failed.append(exc)

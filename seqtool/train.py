@@ -6,9 +6,11 @@ import json
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from itertools import chain, islice
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +20,13 @@ from seqtool.checkpoint import (MODEL_FILE, STATE_FILE, STEP_FILE, ModelBundle, 
                                 save_model, save_state, step_models)
 from seqtool.config import Config, TrainingConfig, dump_config
 from seqtool.data import Examples, encode_pairs, epoch_batches, make_batch, read_pairs
-from seqtool.distributed import Ranks, all_reduce, init_from_env, main_does, my_share, shutdown
-from seqtool.errors import ConfigError, SeqtoolError
+from seqtool.device import Precision, pick_device, pick_precision
+from seqtool.distributed import Ranks, all_reduce, init_from_env, main_does, my_share, rank_device, shutdown
+from seqtool.errors import ConfigError, DataError, SeqtoolError
 from seqtool.metrics import bleu
 from seqtool.model.seq2seq import build_model
 from seqtool.progress import Reporter
+from seqtool.shards import Counts, ShardStream, read_shards, shard_pairs, side_lines
 from seqtool.tokenizer import PAD, Tokenizer, train_tokenizer
 from seqtool.translate import Translator
 
@@ -78,13 +82,18 @@ def limit_reached(cfg: TrainingConfig, progress: Progress) -> str:
 def check_data_paths(cfg: Config) -> None:
     """All missing or unset training paths in one error."""
     d = cfg.data
-    problems = []
-    for key in ("train_src", "train_tgt", "valid_src", "valid_tgt"):
+    problems = [f"data.{key} is not set" for key in ("train_src", "train_tgt") if getattr(d, key) is None]
+    if not problems:
+        try:
+            pairs = shard_pairs(d.train_src, d.train_tgt)
+        except DataError as exc:
+            problems.append(str(exc))
+        else:
+            problems += [f"data.train_{side}: file not found: {p}" for pair in pairs for side, p in zip(("src", "tgt"), pair)
+                         if not Path(p).is_file()]
+    for key in ("valid_src", "valid_tgt"):
         value = getattr(d, key)
-        if value is None:
-            if key.startswith("train"):
-                problems.append(f"data.{key} is not set")
-        elif not Path(value).is_file():
+        if value is not None and not Path(value).is_file():
             problems.append(f"data.{key}: file not found: {value}")
     if (d.valid_src is None) != (d.valid_tgt is None):
         problems.append("data.valid_src and data.valid_tgt must be given together")
@@ -92,17 +101,20 @@ def check_data_paths(cfg: Config) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def build_tokenizers(cfg: Config, src_lines: list[str], tgt_lines: list[str]) -> tuple[Tokenizer, Tokenizer]:
+def build_tokenizers(cfg: Config, src_lines: Iterable[str], tgt_lines: Iterable[str]) -> tuple[Tokenizer, Tokenizer]:
+    """Lines may be lists or streams from disk: sentencepiece samples at most tokenizer.max_sentences."""
     if cfg.tokenizer.joint:
-        tok = train_tokenizer(src_lines + tgt_lines, cfg.tokenizer)
+        tok = train_tokenizer(chain(src_lines, tgt_lines), cfg.tokenizer)
         return tok, tok
     return train_tokenizer(src_lines, cfg.tokenizer), train_tokenizer(tgt_lines, cfg.tokenizer)
 
 
-def batch_loss(model, batch, label_smoothing: float) -> torch.Tensor:
-    """Summed token cross-entropy of a batch (padding ignored)."""
-    logits = model(batch.src, batch.src_lens, batch.tgt_in)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch.tgt_out.reshape(-1), ignore_index=PAD,
+def batch_loss(model, batch, label_smoothing: float, precision: Optional[Precision] = None) -> torch.Tensor:
+    """Summed token cross-entropy of a batch (padding ignored), the forward pass in `precision`."""
+    with precision.autocast() if precision else nullcontext():
+        logits = model(batch.src, batch.src_lens, batch.tgt_in)
+    # The softmax and the summed loss in fp32 whatever the forward pass ran in: fp16 would overflow.
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch.tgt_out.reshape(-1), ignore_index=PAD,
                            label_smoothing=label_smoothing, reduction="sum")
 
 
@@ -111,7 +123,7 @@ def validation_loss(model, examples: Examples, batch_tokens: int) -> tuple[float
     """-> (loss per target token, perplexity), without label smoothing."""
     total, tokens = 0.0, 0
     for idx in epoch_batches(examples, batch_tokens, seed=0):
-        batch = make_batch([examples.src[i] for i in idx], [examples.tgt[i] for i in idx])
+        batch = make_batch([examples.src[i] for i in idx], [examples.tgt[i] for i in idx]).to(model.device)
         total += batch_loss(model, batch, 0.0).item()
         tokens += batch.n_tgt_tokens
     loss = total / max(tokens, 1)
@@ -143,19 +155,46 @@ class StopFlag:
 class Trainer:
     cfg: Config
     bundle: ModelBundle
-    train: Examples
+    train: Union[Examples, ShardStream]  # in memory, or streamed from disk each epoch (data.stream)
     valid: Optional[Examples]
     valid_src: list[str]
     valid_ref: list[str]
     reporter: Reporter
     progress: Progress = field(default_factory=Progress)
     ranks: Ranks = field(default_factory=Ranks)
+    precision: Precision = field(default_factory=lambda: Precision(torch.device("cpu")))
 
     def __post_init__(self) -> None:
         self.dir = Path(self.cfg.training.model_dir)
-        self.optimizer = torch.optim.Adam(self.bundle.model.parameters(), lr=self.cfg.training.lr)
+        model = self.bundle.model.to(self.precision.device)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.cfg.training.lr)
+        self.scaler = self.precision.scaler()
         # Several processes: DDP averages the gradients; the plain model still validates and is saved.
-        self.net = torch.nn.parallel.DistributedDataParallel(self.bundle.model) if self.ranks.parallel else self.bundle.model
+        gpu = [self.precision.device] if self.precision.device.type == "cuda" else None
+        self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=gpu) if self.ranks.parallel else model
+        self.train_pairs = len(self.train) if isinstance(self.train, Examples) else None  # streamed: known after an epoch
+        self.counts = Counts()
+
+    def epoch_batches(self, epoch: int) -> tuple[Iterator[Examples], Optional[int]]:
+        """The epoch's batches in training order, and how many there are (None when streamed)."""
+        t = self.cfg.training
+        if isinstance(self.train, ShardStream):
+            self.counts = Counts()
+            return self.train.batches(t.batch_tokens, t.seed + epoch, self.counts), None
+        batches = epoch_batches(self.train, t.batch_tokens, seed=t.seed + epoch)
+        return (self.train.subset(idx) for idx in batches), len(batches)
+
+    def end_epoch(self) -> None:
+        p = self.progress
+        p.epoch += 1
+        p.batch_in_epoch = 0
+        if isinstance(self.train, ShardStream):
+            c = self.counts
+            if not c.pairs:
+                raise SeqtoolError("no training pairs left after filtering; check data.max_src_len / max_tgt_len")
+            self.train_pairs = c.pairs
+            self.reporter.log(f"epoch {p.epoch}: streamed {c.pairs:,} training pairs ({c.dropped_long} over the length "
+                              f"limits and {c.dropped_empty} with an empty side dropped)")
 
     def _on_main(self, fn):
         """Validate / save on rank 0; every rank then continues with rank 0's progress."""
@@ -168,7 +207,7 @@ class Trainer:
         p = self.progress
         return {
             "seqtool_version": __version__, "step": p.step, "epoch": p.epoch, "elapsed_s": round(p.elapsed_s, 1),
-            "train_pairs": len(self.train), "train_src": self.cfg.data.train_src, "train_tgt": self.cfg.data.train_tgt,
+            "train_pairs": self.train_pairs, "train_src": self.cfg.data.train_src, "train_tgt": self.cfg.data.train_tgt,
             "params": sum(t.numel() for t in self.bundle.model.parameters()),
             "best": {self.cfg.training.keep_best_by: p.best, "step": p.best_step}, "last_valid": p.last_valid,
         }
@@ -234,18 +273,20 @@ class Trainer:
                 if t.max_epochs and p.epoch >= t.max_epochs:
                     reason = f"reached training.max_epochs={t.max_epochs}"
                     break
-                batches = epoch_batches(self.train, t.batch_tokens, seed=t.seed + p.epoch)
-                limits = [n for n in (t.max_steps, t.max_epochs * len(batches)) if n]
+                batches, n_batches = self.epoch_batches(p.epoch)
+                limits = [n for n in (t.max_steps, t.max_epochs * (n_batches or 0)) if n]
                 self.reporter.set_total(min(limits) if limits else None)
-                while p.batch_in_epoch < len(batches):
-                    idx = batches[p.batch_in_epoch]
-                    share, real = my_share(idx, self.ranks) if self.ranks.parallel else (idx, True)
-                    batch = make_batch([self.train.src[i] for i in share], [self.train.tgt[i] for i in share])
+                for whole in islice(batches, p.batch_in_epoch, None):  # resuming mid-epoch skips what was done
+                    mine, real = whole, True
+                    if self.ranks.parallel:
+                        share, real = my_share(range(len(whole)), self.ranks)
+                        mine = whole.subset(share)
+                    batch = make_batch(mine.src, mine.tgt).to(self.precision.device)
                     # Every rank knows the whole batch, so the global token count needs no message.
-                    tokens = sum(len(self.train.tgt[i]) + 1 for i in idx) if self.ranks.parallel else batch.n_tgt_tokens
+                    tokens = sum(len(y) + 1 for y in whole.tgt) if self.ranks.parallel else batch.n_tgt_tokens
                     for group in self.optimizer.param_groups:
                         group["lr"] = learning_rate(t, p)
-                    loss = batch_loss(self.net, batch, t.label_smoothing)
+                    loss = batch_loss(self.net, batch, t.label_smoothing, self.precision)
                     if not real:  # a stand-in sentence: takes part in the gradient exchange, adds nothing
                         loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
                     self.optimizer.zero_grad(set_to_none=True)
@@ -260,13 +301,15 @@ class Trainer:
                         self.reporter.log(f"step {p.step + 1}: loss is {shown}; batch skipped (training.on_nan=skip)")
                     else:
                         # DDP averages over ranks: scaling by world makes it the global per-token mean.
-                        (loss / tokens * self.ranks.world).backward()
+                        self.scaler.scale(loss / tokens * self.ranks.world).backward()
                         if t.clip_grad_norm > 0:
+                            self.scaler.unscale_(self.optimizer)  # clip the true gradients (fp16 scales them)
                             torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
-                        self.optimizer.step()
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
                         window["loss"] += total
                     window["tokens"] += tokens
-                    window["sents"] += len(idx)
+                    window["sents"] += len(whole)
                     p.step += 1
                     p.batch_in_epoch += 1
                     # The slowest rank's clock and any rank's signal decide for all, so all stop together.
@@ -292,8 +335,7 @@ class Trainer:
                     if reason:
                         break
                 else:
-                    p.epoch += 1
-                    p.batch_in_epoch = 0
+                    self.end_epoch()
         if stop.signal:
             self._on_main(lambda: self.save_checkpoint(best=False, validated=False))
         elif p.step % t.valid_every != 0 and p.step > first_step:
@@ -344,7 +386,8 @@ def _record_step(line: str) -> float:
         return math.inf  # a torn or foreign line goes too
 
 
-def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks()) -> Trainer:
+def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(),
+            precision: Optional[Precision] = None) -> Trainer:
     """Read data, build or restore tokenizers and model, and return a Trainer ready to run.
 
     With several ranks, rank 0 alone touches the model dir and trains the tokenizer; all ranks
@@ -369,7 +412,10 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
 
-    src_lines, tgt_lines = read_pairs(cfg.data.train_src, cfg.data.train_tgt)
+    d = cfg.data
+    shards = shard_pairs(d.train_src, d.train_tgt)
+    # In memory, the files are read (and checked) before anything else; streamed, they are read when used.
+    src_lines, tgt_lines = (side_lines(shards, 0), side_lines(shards, 1)) if d.stream else read_shards(shards)
     if not resume:
         reporter.log(f"training {cfg.tokenizer.type} tokenizer ({'joint' if cfg.tokenizer.joint else 'separate'}, "
                      f"up to {cfg.tokenizer.vocab_size} pieces)")
@@ -379,12 +425,19 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
         tgt_tok = src_tok if cfg.tokenizer.joint else Tokenizer.from_bytes(blobs[1], word)
         model = build_model(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size)
         bundle = ModelBundle(model, cfg, src_tok, tgt_tok, {})
-    train = encode_pairs(src_lines, tgt_lines, bundle.src_tok, bundle.tgt_tok, cfg.data.max_src_len, cfg.data.max_tgt_len,
-                         cfg.data.truncate_src)
-    reporter.log(f"{len(train)} training pairs ({train.dropped_long} over the length limits and "
-                 f"{train.dropped_empty} with an empty side dropped)")
-    if not len(train):
-        raise SeqtoolError("no training pairs left after filtering; check data.max_src_len / max_tgt_len")
+    train: Union[Examples, ShardStream]
+    if d.stream:
+        train = ShardStream(shards, bundle.src_tok, bundle.tgt_tok, d.max_src_len, d.max_tgt_len, d.truncate_src,
+                            d.shuffle_buffer)
+        reporter.log(f"streaming training pairs from {len(shards)} file pair(s), shuffle buffer {d.shuffle_buffer:,}")
+    else:
+        train = encode_pairs(src_lines, tgt_lines, bundle.src_tok, bundle.tgt_tok, d.max_src_len, d.max_tgt_len,
+                             d.truncate_src)
+        del src_lines, tgt_lines
+        reporter.log(f"{len(train)} training pairs ({train.dropped_long} over the length limits and "
+                     f"{train.dropped_empty} with an empty side dropped)")
+        if not len(train):
+            raise SeqtoolError("no training pairs left after filtering; check data.max_src_len / max_tgt_len")
     valid, valid_src, valid_ref = None, [], []
     if cfg.data.valid_src:
         valid_src, valid_ref = read_pairs(cfg.data.valid_src, cfg.data.valid_tgt)
@@ -393,7 +446,8 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
     params = sum(t.numel() for t in bundle.model.parameters())
     reporter.log(f"model: {cfg.model.cell} {cfg.model.context}, {params:,} parameters, vocab "
                  f"{bundle.src_tok.vocab_size}/{bundle.tgt_tok.vocab_size}")
-    trainer = Trainer(cfg, bundle, train, valid, valid_src, valid_ref, reporter, progress, ranks)
+    precision = precision or Precision(torch.device("cpu"))
+    trainer = Trainer(cfg, bundle, train, valid, valid_src, valid_ref, reporter, progress, ranks, precision)
     if resume:
         trainer.optimizer.load_state_dict(opt_state)
         torch.set_rng_state(rng)
@@ -405,14 +459,19 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
 
 def run_training(cfg: Config, resume: bool = False, quiet: bool = False, verbose: bool = False) -> Trainer:
     """Train on one process, or on each of the ranks torchrun started (then rank 0 alone reports)."""
-    ranks = init_from_env()
+    device = pick_device(cfg.training.device)
+    precision = pick_precision(device, cfg.training.precision)  # before any process starts: errors once
+    ranks = init_from_env(cuda=device.type == "cuda")
+    precision = replace(precision, device=rank_device(device, ranks))
     reporter = Reporter(quiet=quiet or not ranks.main, verbose=verbose)
     if verbose:
         reporter.log("config:\n" + dump_config(cfg).rstrip())
     if ranks.parallel:
-        reporter.log(f"data-parallel training on {ranks.world} processes (torch.distributed, gloo)")
+        reporter.log(f"data-parallel training on {ranks.world} processes (torch.distributed, "
+                     f"{'nccl' if device.type == 'cuda' else 'gloo'})")
     try:
-        trainer = prepare(cfg, reporter, resume, ranks)
+        trainer = prepare(cfg, reporter, resume, ranks, precision)
+        reporter.log(f"training on {precision.device} in {precision.name}")
         reason = trainer.run()
     finally:
         reporter.close()

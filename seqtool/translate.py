@@ -34,7 +34,7 @@ class Translation:
 
 def attention_weights(model: Seq2Seq, src: list[int], tokens: list[int]) -> list[list[float]]:
     """Attention of each output step (tokens, then EOS) over the source, by teacher-forcing `tokens`."""
-    batch = make_batch([src], [tokens])
+    batch = make_batch([src], [tokens]).to(model.device)
     state = model.encode(batch.src, batch.src_lens)
     rows = []
     for t in range(batch.tgt_in.size(1)):
@@ -71,8 +71,8 @@ class Translator:
 
     def search(self, ids: list[list[int]]) -> list[list[Hypothesis]]:
         """Decode a batch of non-empty id sequences."""
-        batch = make_batch(ids, [[0]] * len(ids))
-        d, rules = self.decoding, self.rules(ids)
+        batch = make_batch(ids, [[0]] * len(ids)).to(self.model.device)
+        d, rules = self.decoding, self.rules(ids).to(self.model.device)
         if d.sample or (d.beam_size == 1 and d.nbest == 1):
             pick = sampler(d.temperature, d.top_k, d.top_p, d.seed) if d.sample else argmax
             return greedy(self.model, batch.src, batch.src_lens, rules, d.length_penalty, pick)

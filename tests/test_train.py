@@ -88,9 +88,9 @@ def test_nan_loss_is_reported_with_its_step(tmp_path, monkeypatch, policy, capsy
     real = train_module.batch_loss
     calls = {"n": 0}
 
-    def sometimes_nan(model, batch, smoothing):
+    def sometimes_nan(model, batch, smoothing, precision=None):
         calls["n"] += 1
-        loss = real(model, batch, smoothing)
+        loss = real(model, batch, smoothing, precision)
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(train_module, "batch_loss", sometimes_nan)

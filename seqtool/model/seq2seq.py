@@ -32,6 +32,10 @@ class Seq2Seq(nn.Module):
                 tgt_embed.weight[PAD].zero_()
             self.output.weight = tgt_embed.weight
 
+    @property
+    def device(self) -> torch.device:
+        return self.output.weight.device
+
     def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> DecoderState:
         return self.decoder.init_state(self.encoder(src, src_lens))
 

@@ -1,0 +1,66 @@
+"""--device and training precision: chosen from what the machine has, clear errors otherwise, and the
+mixed-precision training paths (autocast, fp16 loss scaling) run for real on the CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import seqtool.device as device_mod
+from conftest import SAMPLE, read_metrics, run_cli, tiny_config, write_config
+from seqtool.config import validate
+from seqtool.device import Precision, pick_device, pick_precision
+from seqtool.errors import ConfigError
+from seqtool.progress import Reporter
+from seqtool.train import prepare
+
+CPU = torch.device("cpu")
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+
+
+@no_gpu
+def test_cuda_without_a_gpu_is_one_clear_line(tmp_path, trained_model):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "m"))
+    for args in (["train", "-c", str(cfg), "--device", "cuda"],
+                 ["translate", "-m", str(trained_model), "--device", "cuda:1", str(SAMPLE / "test.src")]):
+        proc = run_cli(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "torch sees no CUDA GPU" in proc.stderr, proc.stderr
+    assert not (tmp_path / "m").exists()  # refused before anything was written
+
+
+def test_device_names_are_checked_and_cpu_gives_the_same_output(tmp_path, trained_model):
+    proc = run_cli("translate", "-m", str(trained_model), "--device", "gpu", str(SAMPLE / "test.src"))
+    assert proc.returncode == 2 and "decoding.device" in proc.stderr and proc.stderr.count("\n") == 1
+    head = "\n".join((SAMPLE / "test.src").read_text().splitlines()[:20]) + "\n"
+    default = run_cli("translate", "-m", str(trained_model), input=head, check=True).stdout
+    on_cpu = run_cli("translate", "-m", str(trained_model), "--device", "cpu", input=head, check=True).stdout
+    assert on_cpu == default and default.count("\n") == 20
+    assert pick_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_precision_is_chosen_from_the_hardware(monkeypatch):
+    assert pick_precision(CPU, "auto").name == "fp32"
+    assert pick_precision(CPU, "fp32").name == "fp32"
+    with pytest.raises(ConfigError, match="fp16 is for CUDA"):
+        pick_precision(CPU, "fp16")
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(ConfigError, match="no native bf16"):
+        pick_precision(CPU, "bf16")
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: True)
+    assert pick_precision(CPU, "bf16") == Precision(CPU, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype,scaled", [(torch.bfloat16, False), (torch.float16, True)], ids=["bf16", "fp16-scaled"])
+def test_mixed_precision_training_learns_and_keeps_fp32_weights(tmp_path, dtype, scaled):
+    # The CUDA recipe (autocast; fp16 with a gradient scaler) run on the CPU, where torch supports both.
+    cfg = validate(tiny_config(tmp_path / "m", training={"max_steps": 60, "valid_every": 30, "valid_max_sentences": 20,
+                                                         "batch_tokens": 800}))
+    trainer = prepare(cfg, Reporter(quiet=True), resume=False, precision=Precision(CPU, dtype, scaled))
+    assert trainer.scaler.is_enabled() == scaled
+    trainer.run()
+    losses = [m["valid_loss"] for m in read_metrics(tmp_path / "m")]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] < math.log(600)
+    assert all(p.dtype == torch.float32 for p in trainer.bundle.model.parameters())
