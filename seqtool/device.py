@@ -67,6 +67,9 @@ class Precision:
         return torch.amp.GradScaler(self.device.type, enabled=self.scaled)
 
 
+FP32_CPU = Precision(torch.device("cpu"))
+
+
 def pick_precision(device: torch.device, requested: str) -> Precision:
     """'auto' | 'fp32' | 'bf16' | 'fp16' for training on `device`; a choice the machine cannot run is refused."""
     if requested == "fp32":

@@ -6,7 +6,6 @@ import json
 import math
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from itertools import chain, islice
 from pathlib import Path
@@ -20,7 +19,7 @@ from seqtool.checkpoint import (MODEL_FILE, STATE_FILE, STEP_FILE, ModelBundle, 
                                 save_model, save_state, step_models)
 from seqtool.config import Config, TrainingConfig, dump_config
 from seqtool.data import Examples, encode_pairs, epoch_batches, make_batch, read_pairs
-from seqtool.device import Precision, pick_device, pick_precision
+from seqtool.device import FP32_CPU, Precision, pick_device, pick_precision
 from seqtool.distributed import Ranks, all_reduce, init_from_env, main_does, my_share, rank_device, shutdown
 from seqtool.errors import ConfigError, DataError, SeqtoolError
 from seqtool.metrics import bleu
@@ -109,9 +108,9 @@ def build_tokenizers(cfg: Config, src_lines: Iterable[str], tgt_lines: Iterable[
     return train_tokenizer(src_lines, cfg.tokenizer), train_tokenizer(tgt_lines, cfg.tokenizer)
 
 
-def batch_loss(model, batch, label_smoothing: float, precision: Optional[Precision] = None) -> torch.Tensor:
+def batch_loss(model, batch, label_smoothing: float, precision: Precision = FP32_CPU) -> torch.Tensor:
     """Summed token cross-entropy of a batch (padding ignored), the forward pass in `precision`."""
-    with precision.autocast() if precision else nullcontext():
+    with precision.autocast():
         logits = model(batch.src, batch.src_lens, batch.tgt_in)
     # The softmax and the summed loss in fp32 whatever the forward pass ran in: fp16 would overflow.
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch.tgt_out.reshape(-1), ignore_index=PAD,
@@ -123,7 +122,8 @@ def validation_loss(model, examples: Examples, batch_tokens: int) -> tuple[float
     """-> (loss per target token, perplexity), without label smoothing."""
     total, tokens = 0.0, 0
     for idx in epoch_batches(examples, batch_tokens, seed=0):
-        batch = make_batch([examples.src[i] for i in idx], [examples.tgt[i] for i in idx]).to(model.device)
+        part = examples.subset(idx)
+        batch = make_batch(part.src, part.tgt).to(model.device)
         total += batch_loss(model, batch, 0.0).item()
         tokens += batch.n_tgt_tokens
     loss = total / max(tokens, 1)
@@ -162,7 +162,7 @@ class Trainer:
     reporter: Reporter
     progress: Progress = field(default_factory=Progress)
     ranks: Ranks = field(default_factory=Ranks)
-    precision: Precision = field(default_factory=lambda: Precision(torch.device("cpu")))
+    precision: Precision = FP32_CPU
 
     def __post_init__(self) -> None:
         self.dir = Path(self.cfg.training.model_dir)
@@ -387,7 +387,7 @@ def _record_step(line: str) -> float:
 
 
 def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(),
-            precision: Optional[Precision] = None) -> Trainer:
+            precision: Precision = FP32_CPU) -> Trainer:
     """Read data, build or restore tokenizers and model, and return a Trainer ready to run.
 
     With several ranks, rank 0 alone touches the model dir and trains the tokenizer; all ranks
@@ -446,7 +446,6 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
     params = sum(t.numel() for t in bundle.model.parameters())
     reporter.log(f"model: {cfg.model.cell} {cfg.model.context}, {params:,} parameters, vocab "
                  f"{bundle.src_tok.vocab_size}/{bundle.tgt_tok.vocab_size}")
-    precision = precision or Precision(torch.device("cpu"))
     trainer = Trainer(cfg, bundle, train, valid, valid_src, valid_ref, reporter, progress, ranks, precision)
     if resume:
         trainer.optimizer.load_state_dict(opt_state)

@@ -88,7 +88,7 @@ def test_nan_loss_is_reported_with_its_step(tmp_path, monkeypatch, policy, capsy
     real = train_module.batch_loss
     calls = {"n": 0}
 
-    def sometimes_nan(model, batch, smoothing, precision=None):
+    def sometimes_nan(model, batch, smoothing, precision=train_module.FP32_CPU):
         calls["n"] += 1
         loss = real(model, batch, smoothing, precision)
         return loss * float("nan") if calls["n"] == 3 else loss
