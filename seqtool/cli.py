@@ -44,7 +44,7 @@ def train(
     overrides: List[str] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in training.model_dir where it stopped."),
     device: Optional[str] = DeviceOpt,
-    nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes on this machine (torch.distributed; same as torchrun --nproc-per-node)."),
+    nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes on this machine (torch.distributed; same as torchrun --nproc-per-node). One process per GPU or per machine's worth of cores: on one CPU a single process already uses every core, so 2 processes on 2 cores run slower (docs/scaling.md)."),
     quiet: bool = QuietOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print the resolved config, and a log line every 10 steps instead of the bar."),
 ) -> None:
