@@ -55,6 +55,8 @@ class ModelConfig(Section):
     input_feeding: bool = False
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     tie_embeddings: bool = False
+    copy_source: bool = Field(False, description="pointer-generator: mix generating a token with copying a source token "
+                       "by attention (context attention and a joint tokenizer)")
 
 
 class TrainingConfig(Section):
@@ -115,12 +117,14 @@ class Config(Section):
     decoding: DecodingConfig = DecodingConfig()
 
     @model_validator(mode="after")
-    def _constraints_need_one_token_per_character(self) -> "Config":
+    def _cross_section_constraints(self) -> "Config":
         d = self.decoding
         if d.copy_punctuation and not d.exact_length:
             raise ValueError("decoding.copy_punctuation needs decoding.exact_length: true")
         if d.exact_length and self.tokenizer.type != "word":
             raise ValueError("decoding.exact_length needs tokenizer.type word (one token per character, as couplets)")
+        if self.model.copy_source and not self.tokenizer.joint:
+            raise ValueError("model.copy_source needs tokenizer.joint: true (a copied source token must be a target token)")
         return self
 
 

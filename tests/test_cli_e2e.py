@@ -175,3 +175,15 @@ def test_couplet_constraints_end_to_end(tmp_path):
             assert len(h) == len(s), (line, hyp)
             assert [(i, c) for i, c in enumerate(h) if c in punct] == [(i, c) for i, c in enumerate(s) if c in punct]
             assert "⁇" not in hyp and "<unk>" not in hyp
+
+
+def test_copy_source_learns_to_copy_from_the_cli(tmp_path):
+    """Target = source: with model.copy_source the tiny model copies perfectly after 250 steps
+    (the same model without copy scores about 11 BLEU there)."""
+    cfg = tiny_config(tmp_path / "model", training={"max_steps": 250, "valid_every": 250})
+    cfg["data"].update(train_tgt=str(SAMPLE / "train.src"), valid_tgt=str(SAMPLE / "valid.src"))
+    config = write_config(tmp_path / "copy.yaml", cfg)
+    run_cli("train", "-c", str(config), "-q", "--set", "model.copy_source=true", check=True)
+    proc = run_cli("evaluate", "-m", str(tmp_path / "model"), "--src", str(SAMPLE / "test.src"),
+                   "--ref", str(SAMPLE / "test.src"), check=True)
+    assert float(re.search(r"bleu = ([\d.]+)", proc.stdout).group(1)) > 90, proc.stdout

@@ -68,3 +68,9 @@ def test_shipped_configs_are_valid_and_point_at_data(path):
         pytest.skip("../shared/data is not here")
     for p in paths:
         assert (root / p).is_file(), p
+
+
+def test_copy_source_needs_a_joint_tokenizer_and_attention():
+    with pytest.raises(ConfigError, match="model.copy_source needs tokenizer.joint"):
+        validate({"model": {"copy_source": True}, "tokenizer": {"joint": False}})
+    assert validate({"model": {"copy_source": True}}).model.copy_source

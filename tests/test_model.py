@@ -64,3 +64,84 @@ def test_invalid_combinations_are_config_errors():
         build_model(ModelConfig(attention="luong_dot", hidden_size=100, encoder_hidden_size=64), 10, 10)
     with pytest.raises(ConfigError, match="input_feeding"):
         build_model(ModelConfig(context="init", input_feeding=True), 10, 10)
+
+
+ATTENTION_MODES = [m for m in MODES if m[0] == "attention"]
+
+
+def tiny_copy(cell, mode, vocab=25):
+    torch.manual_seed(0)
+    cfg = ModelConfig(cell=cell, context=mode[0], attention=mode[1], input_feeding=mode[2], embedding_size=8,
+                      encoder_hidden_size=8, hidden_size=16, dropout=0.0, copy_source=True)
+    return build_model(cfg, vocab, vocab).eval()
+
+
+@pytest.mark.parametrize("cell,mode", list(itertools.product(["gru", "lstm"], ATTENTION_MODES)))
+def test_copy_teacher_forcing_equals_step_by_step_and_is_a_distribution(cell, mode):
+    model = tiny_copy(cell, mode)
+    scores = model(BATCH.src, BATCH.src_lens, BATCH.tgt_in)
+    torch.testing.assert_close(scores.exp().sum(-1), torch.ones(scores.shape[:2]), atol=1e-5, rtol=1e-5)
+    state, steps = model.encode(BATCH.src, BATCH.src_lens), []
+    for t in range(BATCH.tgt_in.size(1)):
+        lp, state, _ = model.step(BATCH.tgt_in[:, t], state)
+        steps.append(lp)
+    torch.testing.assert_close(torch.stack(steps, 1), scores, atol=1e-5, rtol=1e-5)
+    # Cross-entropy sees log-probabilities as logits: log_softmax of them is the identity.
+    torch.testing.assert_close(torch.log_softmax(scores, -1), scores, atol=1e-5, rtol=1e-5)
+
+
+def test_copy_puts_the_gate_s_remaining_mass_on_source_ids_only():
+    model = tiny_copy("gru", ("attention", "bahdanau", False))
+    with torch.no_grad():
+        model.copy_gate.bias.fill_(-50.0)  # gate ~ 0: all mass copied
+        lp = model(BATCH.src, BATCH.src_lens, BATCH.tgt_in)
+    for i, src in enumerate(SRC):
+        outside = torch.ones(25, dtype=torch.bool)
+        outside[src] = False
+        assert lp[i].exp()[:, ~outside].sum(-1).min() > 0.999
+        assert lp[i].exp()[:, outside].max() < 1e-6
+
+
+def test_copy_learns_to_copy_tokens_it_never_saw_as_targets():
+    """Targets are the source's one rare token; half the rare tokens never appear in a training target.
+    A copy model still outputs them; the same model without copy cannot (it never learned their ids)."""
+    rng = __import__("random").Random(0)
+    common, rare = list(range(4, 14)), list(range(14, 64))
+    seen, unseen = rare[:25], rare[25:]
+
+    def pairs(pool, n):
+        out = []
+        for _ in range(n):
+            src = rng.sample(common, 4)
+            tok = rng.choice(pool)
+            src.insert(rng.randrange(5), tok)
+            out.append((src, [tok]))
+        return out
+
+    train, test = pairs(seen, 512), pairs(unseen, 100)
+
+    def accuracy(copy):
+        torch.manual_seed(0)
+        cfg = ModelConfig(embedding_size=16, encoder_hidden_size=16, hidden_size=32, dropout=0.0, copy_source=copy)
+        model = build_model(cfg, 64, 64)
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        for epoch in range(6):
+            for k in range(0, len(train), 32):
+                b = make_batch(*zip(*train[k:k + 32]))
+                loss = torch.nn.functional.cross_entropy(model(b.src, b.src_lens, b.tgt_in).flatten(0, 1), b.tgt_out.flatten())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        model.eval()
+        b = make_batch(*zip(*test))
+        with torch.no_grad():
+            lp, _, _ = model.step(b.tgt_in[:, 0], model.encode(b.src, b.src_lens))
+        return (lp.argmax(-1) == b.tgt_out[:, 0]).float().mean().item()
+
+    assert accuracy(copy=True) > 0.8
+    assert accuracy(copy=False) < 0.1
+
+
+def test_copy_without_attention_is_a_config_error():
+    with pytest.raises(ConfigError, match="copy_source"):
+        build_model(ModelConfig(context="every_step", copy_source=True), 10, 10)

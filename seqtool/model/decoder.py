@@ -31,6 +31,7 @@ class DecoderState:
     states: torch.Tensor  # (B, S, K) encoder states
     keys: Optional[torch.Tensor]  # (B, S, *) attention keys, projected once
     mask: torch.Tensor  # (B, S)
+    src: Optional[torch.Tensor] = None  # (B, S) source ids, kept for copying
 
     def select(self, index: torch.Tensor) -> "DecoderState":
         """Keep / reorder / repeat batch rows (used by beam search)."""
@@ -125,18 +126,20 @@ class Decoder(nn.Module):
             state = replace(state, feed=feats)
         return self.dropout(feats), state, weights if weights is not None else luong_weights
 
-    def forward(self, tgt_in: torch.Tensor, state: DecoderState) -> torch.Tensor:
-        """Teacher-forced features for a whole target (B, T) -> (B, T, O)."""
+    def forward(self, tgt_in: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Teacher-forced features for a whole target (B, T) -> (B, T, O), and the attention weights
+        (B, T, S) with context attention, else None."""
         if self.stepwise:
-            outs = []
+            outs, weights = [], []
             for t in range(tgt_in.size(1)):
-                feats, state, _ = self.step(tgt_in[:, t], state)
+                feats, state, w = self.step(tgt_in[:, t], state)
                 outs.append(feats)
-            return torch.stack(outs, dim=1)
+                weights.append(w)
+            return torch.stack(outs, dim=1), torch.stack(weights, dim=1)  # stepwise modes all attend
         emb = self.dropout(self.embed(tgt_in))
         x = emb
         if self.mode == "every_step":
             x = torch.cat([emb, state.context.unsqueeze(1).expand(-1, emb.size(1), -1)], dim=-1)
         out, state = self._run_rnn(x, state)
-        feats, _ = self._features(emb, self.dropout(out), state)
-        return self.dropout(feats)
+        feats, weights = self._features(emb, self.dropout(out), state)
+        return self.dropout(feats), weights

@@ -1,7 +1,8 @@
-"""Seq2Seq = embeddings -> encoder -> bridge -> decoder -> output layer; built from a ModelConfig."""
+"""Seq2Seq = embeddings -> encoder -> bridge -> decoder -> output layer (+ copy gate); built from a ModelConfig."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -24,6 +25,9 @@ class Seq2Seq(nn.Module):
         self.decoder = Decoder(tgt_embed, cfg.cell, cfg.hidden_size, cfg.decoder_layers, self.encoder.output_size,
                                cfg.context, cfg.attention, cfg.input_feeding, output_size, cfg.dropout)
         self.output = nn.Linear(output_size, tgt_vocab)
+        # Copying writes attention mass onto source ids as target ids: one shared vocabulary.
+        assert not cfg.copy_source or src_vocab == tgt_vocab, "model.copy_source needs a joint vocabulary"
+        self.copy_gate = nn.Linear(output_size, 1) if cfg.copy_source else None
         if cfg.tie_embeddings:
             # Shared with the output layer: nn.Embedding's N(0, 1) start would make the first logits about
             # sqrt(embedding_size) times too large (measured on AESLC: training loss above the uniform one).
@@ -37,16 +41,33 @@ class Seq2Seq(nn.Module):
         return self.output.weight.device
 
     def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> DecoderState:
-        return self.decoder.init_state(self.encoder(src, src_lens))
+        state = self.decoder.init_state(self.encoder(src, src_lens))
+        return replace(state, src=src) if self.copy_gate is not None else state
 
     def forward(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits (B, T, V)."""
-        return self.output(self.decoder(tgt_in, self.encode(src, src_lens)))
+        """Teacher-forced scores (B, T, V): logits, or log-probabilities with copy (cross-entropy treats
+        both alike: log_softmax leaves log-probabilities unchanged)."""
+        state = self.encode(src, src_lens)
+        feats, weights = self.decoder(tgt_in, state)
+        if self.copy_gate is None:
+            return self.output(feats)
+        return self._copy_log_probs(feats, weights, state.src)
 
     def step(self, prev: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState, Optional[torch.Tensor]]:
         """One decoding step: previous tokens (B,) -> (log-probabilities (B, V), state, attention weights)."""
         feats, state, weights = self.decoder.step(prev, state)
-        return torch.log_softmax(self.output(feats), dim=-1), state, weights
+        if self.copy_gate is None:
+            return torch.log_softmax(self.output(feats), dim=-1), state, weights
+        return self._copy_log_probs(feats, weights, state.src), state, weights
+
+    def _copy_log_probs(self, feats: torch.Tensor, weights: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        """Pointer-generator (See et al., 2017): p = g * softmax(output) + (1 - g) * attention summed per
+        source id, with the gate g = sigmoid(w . features); features (B, [T,] O), weights (B, [T,] S)."""
+        gate = torch.sigmoid(self.copy_gate(feats).float())
+        probs = gate * torch.softmax(self.output(feats).float(), dim=-1)
+        ids = src if weights.dim() == 2 else src.unsqueeze(1).expand(-1, weights.size(1), -1)
+        probs = probs.scatter_add(-1, ids, (1.0 - gate) * weights.float())
+        return torch.log(probs.clamp_min(1e-12))
 
 
 def check_model_config(cfg: ModelConfig) -> None:
@@ -59,6 +80,8 @@ def check_model_config(cfg: ModelConfig) -> None:
         )
     if cfg.input_feeding and not (cfg.context == "attention" and cfg.attention != "bahdanau"):
         raise ConfigError("model.input_feeding applies to luong_dot / luong_general attention only")
+    if cfg.copy_source and cfg.context != "attention":
+        raise ConfigError("model.copy_source copies by attention: it needs model.context attention")
 
 
 def build_model(cfg: ModelConfig, src_vocab: int, tgt_vocab: int) -> Seq2Seq:
