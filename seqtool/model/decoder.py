@@ -5,7 +5,8 @@
 - attention: a context recomputed each step from all encoder states; `bahdanau` queries with the
   previous state and feeds the context into the RNN, `luong_*` queries with the current state and
   may feed the attentional vector to the next step (input feeding).
-Modes without a step-to-step dependency outside the RNN run over the whole target in one call.
+Modes without a step-to-step dependency outside the RNN run over the whole target in one call;
+`bahdanau` loops over attention and the RNN only, and computes every step's output features at once.
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ class Decoder(nn.Module):
         self.luong = context == "attention" and attention != "bahdanau"
         self.bahdanau = context == "attention" and attention == "bahdanau"
         self.input_feeding = self.luong and input_feeding
-        self.stepwise = self.bahdanau or self.input_feeding
 
         self.bridge = nn.Linear(enc_size, layers * hidden_size)
         self.cell_bridge = nn.Linear(enc_size, layers * hidden_size) if cell == "lstm" else None
@@ -108,35 +108,52 @@ class Decoder(nn.Module):
             feats = [s, emb]
         return torch.tanh(self.pre_output(torch.cat(feats, dim=-1))), weights
 
+    def _bahdanau_rnn_step(self, emb: torch.Tensor, state: DecoderState
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DecoderState]:
+        """Attend with the previous state, then one RNN step: emb (B, E) -> (out (B, 1, H), context, weights, state)."""
+        attn_ctx, weights = self.attention(state.hidden[-1], state.keys, state.states, state.mask)
+        out, state = self._run_rnn(torch.cat([emb, attn_ctx], dim=-1).unsqueeze(1), state)
+        return out, attn_ctx, weights, state
+
     def step(self, prev: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState, Optional[torch.Tensor]]:
         """One step for a batch of previous tokens (B,) -> (features (B, O), new state, attention weights)."""
         emb = self.dropout(self.embed(prev))
-        inputs, attn_ctx, weights = [emb], None, None
         if self.bahdanau:
-            attn_ctx, weights = self.attention(state.hidden[-1], state.keys, state.states, state.mask)
-            inputs.append(attn_ctx)
-        elif self.mode == "every_step":
+            out, attn_ctx, weights, state = self._bahdanau_rnn_step(emb, state)
+            feats, _ = self._features(emb, self.dropout(out.squeeze(1)), state, attn_ctx)
+            return self.dropout(feats), state, weights
+        inputs, weights = [emb], None
+        if self.mode == "every_step":
             inputs.append(state.context)
         if self.input_feeding:
             inputs.append(state.feed)
         out, state = self._run_rnn(torch.cat(inputs, dim=-1).unsqueeze(1), state)
-        s = self.dropout(out.squeeze(1))
-        feats, luong_weights = self._features(emb, s, state, attn_ctx)
+        feats, weights = self._features(emb, self.dropout(out.squeeze(1)), state)
         if self.input_feeding:
             state = replace(state, feed=feats)
-        return self.dropout(feats), state, weights if weights is not None else luong_weights
+        return self.dropout(feats), state, weights
 
     def forward(self, tgt_in: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Teacher-forced features for a whole target (B, T) -> (B, T, O), and the attention weights
         (B, T, S) with context attention, else None."""
-        if self.stepwise:
+        if self.input_feeding:
             outs, weights = [], []
             for t in range(tgt_in.size(1)):
                 feats, state, w = self.step(tgt_in[:, t], state)
                 outs.append(feats)
                 weights.append(w)
-            return torch.stack(outs, dim=1), torch.stack(weights, dim=1)  # stepwise modes all attend
+            return torch.stack(outs, dim=1), torch.stack(weights, dim=1)
         emb = self.dropout(self.embed(tgt_in))
+        if self.bahdanau:
+            # Only attention and the RNN recur; the output features of all steps are one matrix product after.
+            outs, contexts, weights = [], [], []
+            for t in range(tgt_in.size(1)):
+                out, attn_ctx, w, state = self._bahdanau_rnn_step(emb[:, t], state)
+                outs.append(out)
+                contexts.append(attn_ctx)
+                weights.append(w)
+            feats, _ = self._features(emb, self.dropout(torch.cat(outs, dim=1)), state, torch.stack(contexts, dim=1))
+            return self.dropout(feats), torch.stack(weights, dim=1)
         x = emb
         if self.mode == "every_step":
             x = torch.cat([emb, state.context.unsqueeze(1).expand(-1, emb.size(1), -1)], dim=-1)
