@@ -76,7 +76,8 @@ class TrainingConfig(Section):
     max_minutes: float = Field(0.0, ge=0.0, description="wall-clock budget; 0 means no limit")
     valid_every: int = Field(500, gt=0)
     valid_max_sentences: int = Field(0, ge=0, description="decode only this many dev lines for BLEU; 0 = all")
-    keep_best_by: Literal["bleu", "loss"] = "bleu"
+    keep_best_by: Literal["bleu", "rouge", "loss"] = Field(
+        "bleu", description="dev-set score that picks model.safetensors; rouge = mean of ROUGE-1/2/L F1")
     keep_last: int = Field(0, ge=0, le=1000, description="also keep the models of the last N validations (seqtool average)")
     patience: int = Field(10, ge=0, description="validations without improvement before stopping; 0 = never")
     threads: int = Field(0, ge=0, description="torch threads; 0 = one per core")

@@ -93,5 +93,10 @@ def score(hyps: Sequence[str], refs: Sequence[Sequence[str]], metrics: Sequence[
     return out
 
 
+def rouge_mean(hyps: list[str], refs: list[str]) -> float:
+    """Mean of ROUGE-1/2/L F1: one number to pick a summarization checkpoint by."""
+    return sum(s.value for s in rouge_scores(hyps, [refs])) / 3
+
+
 def bleu(hyps: list[str], refs: list[str]) -> float:
     return score(hyps, [refs], ("bleu",))[0].value

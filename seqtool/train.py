@@ -22,7 +22,7 @@ from seqtool.data import Examples, encode_pairs, epoch_batches, make_batch, read
 from seqtool.device import FP32_CPU, Precision, pick_device, pick_precision
 from seqtool.distributed import Ranks, all_reduce, init_from_env, main_does, my_share, rank_device, shutdown
 from seqtool.errors import ConfigError, DataError, SeqtoolError
-from seqtool.metrics import bleu
+from seqtool.metrics import bleu, rouge_mean
 from seqtool.model.seq2seq import build_model
 from seqtool.progress import Reporter
 from seqtool.shards import Counts, ShardStream, read_shards, shard_pairs, side_lines
@@ -238,11 +238,13 @@ class Trainer:
             translator = Translator(model, self.bundle.src_tok, self.bundle.tgt_tok, decoding, self.cfg.data.truncate_src)
             hyps = [tr.text for tr in translator.translate(self.valid_src[:n])]
             record.update(valid_loss=round(loss, 4), valid_ppl=round(ppl, 2), valid_bleu=round(bleu(hyps, self.valid_ref[:n]), 2))
-            score = record["valid_bleu"] if t.keep_best_by == "bleu" else loss
+            if t.keep_best_by == "rouge":
+                record["valid_rouge"] = round(rouge_mean(hyps, self.valid_ref[:n]), 2)
+            score = loss if t.keep_best_by == "loss" else record[f"valid_{t.keep_best_by}"]
         else:
             score = train_loss
         model.train()
-        higher = t.keep_best_by == "bleu" and self.valid is not None
+        higher = t.keep_best_by != "loss" and self.valid is not None
         p = self.progress
         improved = math.isfinite(score) and (p.best is None or (score > p.best if higher else score < p.best))
         if improved:

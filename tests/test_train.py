@@ -121,3 +121,16 @@ def test_keep_last_and_average(tmp_path):
     assert len(avg.info["averaged"]) == 2
     none = run_cli("average", str(tmp_path), "-o", str(out))
     assert none.returncode == 1 and "keep_last" in none.stderr
+
+
+def test_keep_best_by_rouge_keeps_the_highest_dev_rouge(tmp_path):
+    cfg = validate(tiny_config(tmp_path / "m", training={**SMALL, "keep_best_by": "rouge"}))
+    trainer = run_training(cfg, quiet=True)
+    from seqtool.plot import read_metrics
+    from seqtool.metrics import rouge_mean
+
+    rows = read_metrics(tmp_path / "m" / "metrics.jsonl")
+    assert len(rows) == 2 and all(0 <= r["valid_rouge"] <= 100 for r in rows)
+    best = max(rows, key=lambda r: r["valid_rouge"])
+    assert (trainer.progress.best, trainer.progress.best_step) == (best["valid_rouge"], best["step"])
+    assert rouge_mean(["a b c"], ["a b d"]) == pytest.approx(100 * (2 / 3 + 1 / 2 + 2 / 3) / 3)
