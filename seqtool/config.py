@@ -108,6 +108,7 @@ class DecodingConfig(Section):
     buffer_lines: int = Field(2000, gt=0, description="lines read ahead and sorted by length")
     max_input_tokens: int = Field(1024, gt=0, description="longer inputs are truncated with a warning")
     device: str = Field("auto", pattern=DEVICE, description="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N")
+    quantize: bool = Field(False, description="int8 dynamic quantization of the linear and RNN layers (CPU decoding)")
 
 
 class Config(Section):

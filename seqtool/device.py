@@ -1,5 +1,8 @@
 """Where the model runs and in what precision, chosen from what the machine has, never assumed.
 
+Decoding on the CPU may also quantize: int8 weights for the linear and RNN layers, activations
+quantized on the fly (`decoding.quantize`).
+
 `auto` takes a CUDA GPU when torch sees one, else the CPU. On CUDA, training uses mixed precision:
 bf16 where the GPU supports it, else fp16 with a gradient scaler. On the CPU it is fp32: bf16 on a
 CPU without native bf16 instructions was measured 20-50x slower (bench/precision.py measures it
@@ -88,3 +91,13 @@ def pick_precision(device: torch.device, requested: str) -> Precision:
         raise ConfigError("training.precision bf16: this CPU has no native bf16 (no avx512_bf16 / amx_bf16), where it "
                           "runs 20-50x slower than fp32; use fp32 or auto")
     return Precision(device, torch.bfloat16)
+
+
+def quantized(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """An int8 dynamically quantized copy of `model` for CPU inference (torch.ao: nn.Linear, GRU, LSTM)."""
+    if device.type != "cpu":
+        raise ConfigError(f"decoding.quantize is int8 inference on the CPU; the model is on {device}")
+    if "fbgemm" not in torch.backends.quantized.supported_engines and "x86" not in torch.backends.quantized.supported_engines:
+        raise ConfigError("decoding.quantize: this torch build has no x86 quantized engine")
+    kinds = {torch.nn.Linear, torch.nn.GRU, torch.nn.LSTM}  # Elman RNNs have no dynamic int8 kernel
+    return torch.ao.quantization.quantize_dynamic(model, kinds, dtype=torch.qint8)

@@ -38,7 +38,7 @@ class Seq2Seq(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.output.weight.device
+        return self.decoder.embed.weight.device  # an embedding: quantized linear layers hold no .weight tensor
 
     def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> DecoderState:
         state = self.decoder.init_state(self.encoder(src, src_lens))
