@@ -61,12 +61,14 @@ def seqtool_train(out: Path, minutes: float) -> dict:
             "load1_start": round(load0, 2), "load1_end": round(os.getloadavg()[0], 2), "model_dir": str(model_dir)}
 
 
-def seqtool_decode(out: Path, model_dir: str, beam: int) -> dict:
-    hyp = out / f"test2016.b{beam}.en"
+def seqtool_decode(out: Path, model_dir: str, beam: int, extra: tuple[str, ...] = (), label: str = "") -> dict:
+    """Decode test2016 at batch 64 (`extra`: more translate flags, `label` names their files)."""
+    name = f"b{beam}{label}"
+    hyp = out / f"test2016.{name}.en"
     cmd = [sys.executable, "-m", "seqtool", "translate", "-m", model_dir, str(DATA / "test2016.de"),
-           "-o", str(hyp), "--beam", str(beam), "--batch-size", "64"]
-    rep = measure(cmd, out / f"decode_b{beam}.json", stderr=out / f"decode_b{beam}.log")
-    log = (out / f"decode_b{beam}.log").read_text()
+           "-o", str(hyp), "--beam", str(beam), "--batch-size", "64", *extra]
+    rep = measure(cmd, out / f"decode_{name}.json", stderr=out / f"decode_{name}.log")
+    log = (out / f"decode_{name}.log").read_text()
     tool_s = float(re.findall(r"translated \d+ lines in ([\d.]+) s", log)[-1])
     hyps = hyp.read_text(encoding="utf-8").splitlines()
     refs = (DATA / "test2016.en").read_text(encoding="utf-8").splitlines()
