@@ -15,14 +15,15 @@ V = 40
 MODELS = {}
 
 
-def model_for(cell, context):
-    if (cell, context) not in MODELS:
+def model_for(cell, context, copy=False):
+    if (cell, context, copy) not in MODELS:
         torch.manual_seed(len(MODELS) + 1)
-        cfg = ModelConfig(cell=cell, context=context, embedding_size=16, encoder_hidden_size=16, hidden_size=32, dropout=0.0)
-        model = MODELS[(cell, context)] = build_model(cfg, V, V).eval()
+        cfg = ModelConfig(cell=cell, context=context, embedding_size=16, encoder_hidden_size=16, hidden_size=32,
+                          dropout=0.0, copy_source=copy)
+        model = MODELS[(cell, context, copy)] = build_model(cfg, V, V).eval()
         with torch.no_grad():  # sharpen the output layer: clear preferences, fewer near-ties
             model.output.weight.mul_(4)
-    return MODELS[(cell, context)]
+    return MODELS[(cell, context, copy)]
 
 
 def run(search, srcs, which=("gru", "attention"), **rule_args):
@@ -33,7 +34,7 @@ def run(search, srcs, which=("gru", "attention"), **rule_args):
 
 
 sources = st.lists(st.lists(st.integers(4, V - 1), min_size=1, max_size=12), min_size=1, max_size=6)
-models = st.sampled_from([("gru", "attention"), ("lstm", "init"), ("rnn", "every_step")])
+models = st.sampled_from([("gru", "attention"), ("lstm", "init"), ("rnn", "every_step"), ("lstm", "attention", True)])
 
 
 @settings(max_examples=40, deadline=None)
