@@ -120,7 +120,7 @@ class Decoder(nn.Module):
         emb = self.dropout(self.embed(prev))
         if self.bahdanau:
             out, attn_ctx, weights, state = self._bahdanau_rnn_step(emb, state)
-            feats, _ = self._features(emb, self.dropout(out.squeeze(1)), state, attn_ctx)
+            feats, _ = self._features(emb, out.squeeze(1), state, attn_ctx)
             return self.dropout(feats), state, weights
         inputs, weights = [emb], None
         if self.mode == "every_step":
@@ -128,7 +128,7 @@ class Decoder(nn.Module):
         if self.input_feeding:
             inputs.append(state.feed)
         out, state = self._run_rnn(torch.cat(inputs, dim=-1).unsqueeze(1), state)
-        feats, weights = self._features(emb, self.dropout(out.squeeze(1)), state)
+        feats, weights = self._features(emb, out.squeeze(1), state)
         if self.input_feeding:
             state = replace(state, feed=feats)
         return self.dropout(feats), state, weights
@@ -152,11 +152,11 @@ class Decoder(nn.Module):
                 outs.append(out)
                 contexts.append(attn_ctx)
                 weights.append(w)
-            feats, _ = self._features(emb, self.dropout(torch.cat(outs, dim=1)), state, torch.stack(contexts, dim=1))
+            feats, _ = self._features(emb, torch.cat(outs, dim=1), state, torch.stack(contexts, dim=1))
             return self.dropout(feats), torch.stack(weights, dim=1)
         x = emb
         if self.mode == "every_step":
             x = torch.cat([emb, state.context.unsqueeze(1).expand(-1, emb.size(1), -1)], dim=-1)
         out, state = self._run_rnn(x, state)
-        feats, weights = self._features(emb, self.dropout(out), state)
+        feats, weights = self._features(emb, out, state)
         return self.dropout(feats), weights

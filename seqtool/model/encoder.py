@@ -48,7 +48,7 @@ class Encoder(nn.Module):
         if isinstance(final, tuple):
             final, cell = final
         return EncoderOutput(
-            states=self.dropout(states),
+            states=states,
             mask=src != PAD,
             final=self._top_layer(final),
             final_cell=None if cell is None else self._top_layer(cell),
