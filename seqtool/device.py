@@ -1,12 +1,10 @@
 """Where the model runs and in what precision, chosen from what the machine has, never assumed.
 
-Decoding on the CPU may also quantize: int8 weights for the linear and RNN layers, activations
-quantized on the fly (`decoding.quantize`).
-
 `auto` takes a CUDA GPU when torch sees one, else the CPU. On CUDA, training uses mixed precision:
 bf16 where the GPU supports it, else fp16 with a gradient scaler. On the CPU it is fp32: bf16 on a
 CPU without native bf16 instructions was measured 20-50x slower (bench/precision.py measures it
-on yours), so bf16 there must be asked for, and is refused where the CPU lacks it.
+on yours), so bf16 there must be asked for, and is refused where the CPU lacks it. Decoding on the
+CPU may also quantize: int8 weights for the linear and RNN layers (`decoding.quantize`).
 """
 
 from __future__ import annotations
