@@ -1,7 +1,7 @@
 """seqtool next to Joey NMT and OpenNMT-py on Multi30k de-en, in one run on this machine.
 
-Trains configs/multi30k_deen.yaml for MINUTES, decodes test2016 greedy and beam 5 (batch 64),
-then runs ../shared/peers/verify.sh with the same budget for both peers, and prints a table of
+Trains configs/multi30k_deen.yaml for MINUTES, decodes test2016 greedy and beam 5 (batch 64) with the
+whole vocabulary in fp32 and fast (int8 weights + vocabulary shortlist), then runs ../shared/peers/verify.sh with the same budget for both peers, and prints a table of
 throughput, BLEU and memory with ratios (seqtool / peer). Jobs run one at a time.
 
     python bench/compare_peers.py --minutes 20            # about 70 minutes in all
@@ -61,6 +61,11 @@ def seqtool_train(out: Path, minutes: float) -> dict:
             "load1_start": round(load0, 2), "load1_end": round(os.getloadavg()[0], 2), "model_dir": str(model_dir)}
 
 
+# Decoding variants: translate flags. "fast" is what a user who wants speed runs (docs/performance.md).
+VARIANTS = {"fp32": ("--shortlist", "0", "--no-quantize"), "int8": ("--shortlist", "0", "--quantize"),
+            "shortlist": ("--shortlist", "10", "--no-quantize"), "fast": ("--shortlist", "10", "--quantize")}
+
+
 def seqtool_decode(out: Path, model_dir: str, beam: int, extra: tuple[str, ...] = (), label: str = "") -> dict:
     """Decode test2016 at batch 64 (`extra`: more translate flags, `label` names their files)."""
     name = f"b{beam}{label}"
@@ -93,27 +98,39 @@ def peers(minutes: float) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    ours = {(r["kind"], r.get("beam")): r for r in rows if r["tool"] == "seqtool"}
-    lines = ["| tool | train sent/s | tgt tok/s | train peak RSS MB | BLEU greedy | BLEU beam 5 | beam-5 decode s (tool / wall) | decode peak RSS MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    ratio_lines = ["", "| ratio seqtool / peer | train sent/s | BLEU beam 5 (diff) | beam-5 sent/s (tool) | beam-5 sent/s (wall) |",
-                   "|---|---:|---:|---:|---:|"]
-    for tool in ("seqtool", "joey", "onmt"):
-        tr = next((r for r in rows if r["tool"] == tool and r["kind"] == "train"), None)
-        g = next((r for r in rows if r["tool"] == tool and r["kind"] == "decode" and r["beam"] == 1), None)
-        b = next((r for r in rows if r["tool"] == tool and r["kind"] == "decode" and r["beam"] == 5), None)
+    """Markdown: one row per tool (seqtool once per decoding variant), then seqtool / peer ratios."""
+    def find(tool: str, kind: str, beam: int | None = None, variant: str | None = None) -> dict:
+        return next((r for r in rows if r["tool"] == tool and r["kind"] == kind and r.get("beam") == beam
+                     and r.get("variant") == variant), {})
+
+    def cells(decode: dict) -> str:
+        return f"{decode.get('bleu')} | {decode.get('tool_s')} / {decode.get('wall_s')} | {decode.get('peak_rss_mb')}"
+
+    head = ("| tool | train sent/s | tgt tok/s | train peak RSS MB | BLEU greedy | greedy decode s (tool / wall) | "
+            "greedy RSS MB | BLEU beam 5 | beam-5 decode s (tool / wall) | beam-5 RSS MB |")
+    lines = [head, "|---" + "|---:" * 9 + "|"]
+    ours = [("seqtool" + ("" if v == "fp32" else f" {v}"), v) for v in ("fp32", "fast")]
+    for name, variant in ours + [("joey", None), ("onmt", None)]:
+        tool = "seqtool" if variant else name
+        tr = find(tool, "train")
         if not tr:
             continue
-        lines.append(f"| {tool} | {tr['train_sent_per_s']} | {tr['train_tgt_tok_per_s']} | {tr['peak_rss_mb']} | "
-                     f"{g and g.get('bleu')} | {b and b.get('bleu')} | {b and b.get('tool_s')} / {b and b.get('wall_s')} | "
-                     f"{b and b.get('peak_rss_mb')} |")
-        if tool != "seqtool" and ("train", None) in ours and b and ("decode", 5) in ours:
-            o_tr, o_b = ours[("train", None)], ours[("decode", 5)]
-            lines_r = (f"| vs {tool} | {o_tr['train_sent_per_s'] / tr['train_sent_per_s']:.2f}x | "
-                       f"{o_b['bleu'] - b['bleu']:+.2f} | {o_b['sent_per_s_tool'] / b['sent_per_s_tool']:.2f}x | "
-                       f"{o_b['sent_per_s_wall'] / b['sent_per_s_wall']:.2f}x |")
-            ratio_lines.append(lines_r)
-    return "\n".join(lines + (ratio_lines if len(ratio_lines) > 3 else []))
+        lines.append(f"| {name} | {tr['train_sent_per_s']} | {tr['train_tgt_tok_per_s']} | {tr['peak_rss_mb']} | "
+                     f"{cells(find(tool, 'decode', 1, variant))} | {cells(find(tool, 'decode', 5, variant))} |")
+    ratios = ["", "| seqtool / peer | train sent/s | greedy BLEU diff | greedy sent/s (tool / wall) | beam-5 BLEU diff | "
+              "beam-5 sent/s (tool / wall) |", "|---" + "|---:" * 5 + "|"]
+    for peer in ("joey", "onmt"):
+        tr, mine = find(peer, "train"), find("seqtool", "train")
+        for name, variant in ours:
+            speed = []
+            for beam in (1, 5):
+                o, p = find("seqtool", "decode", beam, variant), find(peer, "decode", beam)
+                speed.append(f"{o['bleu'] - p['bleu']:+.2f} | {o['sent_per_s_tool'] / p['sent_per_s_tool']:.2f}x / "
+                             f"{o['sent_per_s_wall'] / p['sent_per_s_wall']:.2f}x" if o and p else "- | -")
+            if tr and mine:
+                ratios.append(f"| {name} vs {peer} | {mine['train_sent_per_s'] / tr['train_sent_per_s']:.2f}x | "
+                              f"{speed[0]} | {speed[1]} |")
+    return "\n".join(lines + (ratios if len(ratios) > 3 else []))
 
 
 def main() -> None:
@@ -135,7 +152,8 @@ def main() -> None:
     train = seqtool_train(out, args.minutes)
     keep(train)
     for beam in (1, 5):
-        keep(seqtool_decode(out, train["model_dir"], beam))
+        for variant in ("fp32", "fast"):
+            keep({**seqtool_decode(out, train["model_dir"], beam, VARIANTS[variant], f".{variant}"), "variant": variant})
     if not args.skip_peers:
         for row in peers(args.minutes):
             keep(row)

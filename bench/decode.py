@@ -1,8 +1,9 @@
-"""Decoding speed and BLEU of a trained Multi30k de-en model: fp32 against int8 (`--quantize`), one run.
+"""Decoding speed and BLEU of a trained Multi30k de-en model: fp32 against int8 (`--quantize`), a
+vocabulary shortlist (`--shortlist 10`) and both, one run.
 
-Decodes test2016 (1,000 sentences, batch 64) greedy and at beam 5, each in fp32 and quantized, one
-command at a time, timed as bench/compare_peers.py times them (the tool's own decode time and the
-whole command, start-up included, with peak RSS); ratios are against fp32 at the same beam.
+Decodes test2016 (1,000 sentences, batch 64) greedy and at beam 5 in each variant, one command at a
+time, timed as bench/compare_peers.py times them (the tool's own decode time and the whole command,
+start-up included, with peak RSS); ratios are against fp32 at the same beam.
 
     python bench/decode.py runs/multi30k_deen          # a model dir trained with configs/multi30k_deen.yaml
 """
@@ -14,9 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from compare_peers import ROOT, seqtool_decode
-
-VARIANTS = {"fp32": (), "int8": ("--quantize",)}
+from compare_peers import ROOT, VARIANTS, seqtool_decode
 
 
 def main() -> None:
@@ -32,7 +31,7 @@ def main() -> None:
             rows.append(row)
             with open(args.out / "results.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-    print("| beam | weights | BLEU | chrF | decode s (tool) | whole command s | speed-up (tool / command) | peak RSS MB |\n"
+    print("| beam | variant | BLEU | chrF | decode s (tool) | whole command s | speed-up (tool / command) | peak RSS MB |\n"
           "|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         base = next(b for b in rows if b["beam"] == r["beam"] and b["variant"] == "fp32")

@@ -12,7 +12,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from safetensors.torch import load as st_load
@@ -21,6 +21,7 @@ from safetensors.torch import save as st_save
 from seqtool.config import Config, validate
 from seqtool.errors import ConfigError, ModelFileError, SeqtoolError
 from seqtool.model.seq2seq import Seq2Seq, build_model
+from seqtool.shortlist import Shortlist
 from seqtool.tokenizer import Tokenizer
 
 MODEL_FORMAT = "seqtool-model"
@@ -131,13 +132,14 @@ def _unpack(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[
 
 @dataclass
 class ModelBundle:
-    """Everything needed to translate: model, config and tokenizers."""
+    """Everything needed to translate: model, config, tokenizers and the shortlist table."""
 
     model: Seq2Seq
     config: Config
     src_tok: Tokenizer
     tgt_tok: Tokenizer
     info: dict[str, Any]
+    shortlist: Optional[Shortlist] = None
 
 
 def bundle_tensors(bundle: ModelBundle) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -145,6 +147,8 @@ def bundle_tensors(bundle: ModelBundle) -> tuple[dict[str, torch.Tensor], dict[s
     tensors["tokenizer.src"] = torch.frombuffer(bytearray(bundle.src_tok.model_bytes), dtype=torch.uint8)
     if bundle.tgt_tok is not bundle.src_tok:
         tensors["tokenizer.tgt"] = torch.frombuffer(bytearray(bundle.tgt_tok.model_bytes), dtype=torch.uint8)
+    if bundle.shortlist is not None:
+        tensors.update(bundle.shortlist.tensors())
     return tensors, {"config": bundle.config.model_dump(), "info": bundle.info}
 
 
@@ -171,7 +175,10 @@ def bundle_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Pa
                              f"unexpected {len(unexpected)}, wrong shape {len(wrong_shape)})")
     model.load_state_dict(weights, strict=False)
     model.eval()
-    return ModelBundle(model, config, src_tok, tgt_tok, meta.get("info") or {})
+    shortlist = Shortlist.from_tensors(tensors)
+    if shortlist is not None and not shortlist.fits(src_tok.vocab_size, tgt_tok.vocab_size):
+        raise ModelFileError(f"{path}: its shortlist table does not match its vocabularies")
+    return ModelBundle(model, config, src_tok, tgt_tok, meta.get("info") or {}, shortlist)
 
 
 def save_model(path: Path, bundle: ModelBundle) -> None:

@@ -28,6 +28,7 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="Only errors on stderr.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="More detail on stderr.")
 DeviceOpt = typer.Option(None, "--device", help="auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda or cuda:N.")
 QuantizeOpt = typer.Option(None, "--quantize/--no-quantize", help="int8 weights for the linear and RNN layers: faster CPU decoding, BLEU within a few tenths (docs/performance.md).")
+ShortlistOpt = typer.Option(None, "--shortlist", help="Cut the output layer to each source token's N likeliest target tokens (learned when training) + the most frequent ones: faster decoding; 0 = whole vocabulary (decoding.shortlist).")
 
 
 def _err(message: str) -> None:
@@ -123,10 +124,12 @@ def _translator(model: Path, overrides: List[str], flags: dict, quiet: bool, ver
     if verbose:
         m = bundle.config.model
         _err(f"model: {model} ({m.cell}, context {m.context}, vocab {bundle.src_tok.vocab_size}/{bundle.tgt_tok.vocab_size}) "
-             f"on {net.device}{', int8' if decoding.quantize else ''}")
+             f"on {net.device}{', int8' if decoding.quantize else ''}"
+             f"{', shortlist table' if bundle.shortlist is not None else ', no shortlist table'}")
         _err("decoding: " + " ".join(f"{k}={v}" for k, v in decoding.model_dump().items()))
     return Translator(net, bundle.src_tok, bundle.tgt_tok, decoding, bundle.config.data.truncate_src,
-                      warn=(lambda m: None) if quiet else _err, with_attention=attention, with_pieces=pieces)
+                      warn=(lambda m: None) if quiet else _err, with_attention=attention, with_pieces=pieces,
+                      shortlist=bundle.shortlist)
 
 
 ModelOpt = typer.Option(..., "--model", "-m", help="A model file, or a model dir (uses its model.safetensors).")
@@ -153,6 +156,7 @@ def translate(
     attention: bool = typer.Option(False, "--attention", help="Add each output's attention weights to --format json (attention models)."),
     device: Optional[str] = DeviceOpt,
     quantize: Optional[bool] = QuantizeOpt,
+    shortlist: Optional[int] = ShortlistOpt,
     attention_plot: Optional[Path] = typer.Option(None, "--attention-plot", help="Save an attention heatmap per input line to this folder (LINE.png; with --format json the weights are shown too)."),
     overrides: List[str] = SetOpt,
     quiet: bool = QuietOpt,
@@ -177,7 +181,7 @@ def translate(
         raise SeqtoolError("--attention adds weights to JSON output: use it with --format json")
     flags = {"beam_size": beam, "nbest": nbest, "batch_size": batch_size, "length_penalty": length_penalty,
              "sample": sample or None, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
-             "device": device, "quantize": quantize}
+             "device": device, "quantize": quantize, "shortlist": shortlist}
     translator = _translator(model, overrides, flags, quiet, verbose, attention or attention_plot is not None,
                              pieces=fmt == "json")
     each = _attention_plotter(attention_plot) if attention_plot is not None else None
@@ -230,6 +234,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of text."),
     device: Optional[str] = DeviceOpt,
     quantize: Optional[bool] = QuantizeOpt,
+    shortlist: Optional[int] = ShortlistOpt,
     overrides: List[str] = SetOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -255,7 +260,7 @@ def evaluate(
         hyps = read_lines(hyp)
     elif srcs is not None and model is not None:
         flags = {"beam_size": beam, "batch_size": batch_size, "length_penalty": length_penalty, "device": device,
-                 "quantize": quantize}
+                 "quantize": quantize, "shortlist": shortlist}
         translator = _translator(model, overrides, flags, quiet)
         hyps = [t.text for t in translator.translate(srcs)]
     else:
@@ -354,6 +359,7 @@ def serve(
     wait_ms: float = typer.Option(5.0, "--batch-wait-ms", help="How long a request waits for others to share its batch."),
     device: Optional[str] = DeviceOpt,
     quantize: Optional[bool] = QuantizeOpt,
+    shortlist: Optional[int] = ShortlistOpt,
     overrides: List[str] = SetOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
@@ -373,8 +379,8 @@ def serve(
     if max_lines < 1 or wait_ms < 0:
         raise SeqtoolError("--max-lines must be at least 1 and --batch-wait-ms at least 0")
     bundle = load_model(model)
-    translator = _translator(model, overrides, {"beam_size": beam, "batch_size": batch_size, "device": device, "quantize": quantize}, False, verbose, bundle=bundle,
-                             pieces=True)
+    flags = {"beam_size": beam, "batch_size": batch_size, "device": device, "quantize": quantize, "shortlist": shortlist}
+    translator = _translator(model, overrides, flags, False, verbose, bundle=bundle, pieces=True)
     card = model_card(bundle, resolve_model_path(model))
     run_server(make_app(translator, card, max_lines, wait_ms=wait_ms), host, port, verbose)
 

@@ -16,6 +16,7 @@ from seqtool.errors import ConfigError
 
 
 DEVICE = r"^(auto|cpu|cuda(:\d+)?)$"
+SHORTLIST_TABLE = 100  # associated target tokens a model file keeps per source token (decoding.shortlist's most)
 
 
 class Section(BaseModel):
@@ -109,6 +110,9 @@ class DecodingConfig(Section):
     max_input_tokens: int = Field(1024, gt=0, description="longer inputs are truncated with a warning")
     device: str = Field("auto", pattern=DEVICE, description="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N")
     quantize: bool = Field(False, description="int8 dynamic quantization of the linear and RNN layers (CPU decoding)")
+    shortlist: int = Field(0, ge=0, le=SHORTLIST_TABLE, description="output layer cut to each source token's N likeliest "
+                           "target tokens + the most frequent ones (faster decoding); 0 = whole vocabulary")
+    shortlist_frequent: int = Field(100, ge=0, description="with shortlist: the most frequent target tokens always kept")
 
 
 class Config(Section):

@@ -9,6 +9,7 @@ CPU may also quantize: int8 weights for the linear and RNN layers (`decoding.qua
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
@@ -97,5 +98,14 @@ def quantized(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         raise ConfigError(f"decoding.quantize is int8 inference on the CPU; the model is on {device}")
     if "fbgemm" not in torch.backends.quantized.supported_engines and "x86" not in torch.backends.quantized.supported_engines:
         raise ConfigError("decoding.quantize: this torch build has no x86 quantized engine")
-    kinds = {torch.nn.Linear, torch.nn.GRU, torch.nn.LSTM}  # Elman RNNs have no dynamic int8 kernel
-    return torch.ao.quantization.quantize_dynamic(model, kinds, dtype=torch.qint8)
+    return int8_dynamic(model)
+
+
+def int8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
+    """torch's dynamic int8 quantization of the linear and GRU/LSTM layers (Elman RNNs have no int8 kernel),
+    without the deprecation warnings it prints on every call: they are torch's plans, not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear, torch.nn.GRU, torch.nn.LSTM},
+                                                      dtype=torch.qint8)

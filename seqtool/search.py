@@ -1,6 +1,7 @@
 """Search: greedy and batched beam search over a model's `encode` / `step` interface.
 
 Both return, per source sentence, a list of hypotheses (best first); tokens exclude EOS.
+With a shortlist (`BatchVocab`), tokens are positions in its ids until the results are mapped back.
 `Rules` say what the next token may be: length limits, tokens never generated, tokens forced at
 a position (couplets: exact length, punctuation copied in place) and n-gram repeat blocking.
 """
@@ -13,6 +14,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from seqtool.model.seq2seq import Seq2Seq
+from seqtool.shortlist import BatchVocab
 from seqtool.tokenizer import BOS, EOS, PAD, UNK
 
 NEG = float("-inf")
@@ -46,6 +48,19 @@ class Rules:
 
         return Rules(self.min_len.to(device), self.max_len, self.banned.to(device), move(self.forced),
                      move(self.free_banned), self.no_repeat_ngram)
+
+    def restricted(self, ids: torch.Tensor) -> "Rules":
+        """These rules over the positions of a shortlist's sorted target `ids`, which hold every forced token."""
+        position = torch.full(self.banned.shape, -1, dtype=torch.long, device=ids.device)
+        position[ids] = torch.arange(len(ids), device=ids.device)
+        forced = None
+        if self.forced is not None:
+            forced = torch.where(self.forced >= 0, position[self.forced.clamp_min(0)], -1)
+        free_banned = None if self.free_banned is None else self.free_banned[ids]
+        return Rules(self.min_len, self.max_len, self.banned[ids], forced, free_banned, self.no_repeat_ngram)
+
+    def forced_tokens(self) -> torch.Tensor:
+        return self.forced[self.forced >= 0] if self.forced is not None else torch.zeros(0, dtype=torch.long)
 
     def apply(self, lp: torch.Tensor, t: int, sents: torch.Tensor, history: Optional[list[list[int]]]) -> torch.Tensor:
         """Mask log-probabilities `lp` (rows, V) for step t; `sents` maps rows to sentences."""
@@ -128,10 +143,11 @@ def sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: 
 
 @torch.no_grad()
 def greedy(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules: Rules,
-           alpha: float = 0.0, pick: Picker = argmax) -> list[list[Hypothesis]]:
+           alpha: float = 0.0, pick: Picker = argmax, vocab: Optional[BatchVocab] = None) -> list[list[Hypothesis]]:
     """One hypothesis per sentence, token by token: the most probable allowed token, or one drawn
     by `pick` (see `sampler`); finished sentences leave the batch."""
-    state = model.encode(src, src_lens)
+    state = model.encode(src, src_lens, None if vocab is None else vocab.ids)
+    output = None if vocab is None else vocab.output
     B = src.size(0)
     results: list[list[Hypothesis]] = [[] for _ in range(B)]
     active = torch.arange(B, device=src.device)
@@ -139,7 +155,7 @@ def greedy(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules: Rul
     logp = [0.0] * B
     prev = src.new_full((B,), BOS)
     for t in range(max(rules.max_len)):
-        lp, state, _ = model.step(prev, state)
+        lp, state, _ = model.step(_target_ids(prev, vocab), state, output)
         history = [tokens[s] for s in active.tolist()] if rules.no_repeat_ngram else None
         best_lp, best = pick(rules.apply(lp, t, active, history))
         keep = []
@@ -157,6 +173,20 @@ def greedy(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules: Rul
             index = src.new_tensor(keep)
             state, best, active = state.select(index), best.index_select(0, index), active.index_select(0, index)
         prev = best
+    return _mapped(results, vocab)
+
+
+def _target_ids(tokens: torch.Tensor, vocab: Optional[BatchVocab]) -> torch.Tensor:
+    return tokens if vocab is None else vocab.ids[tokens]
+
+
+def _mapped(results: list[list[Hypothesis]], vocab: Optional[BatchVocab]) -> list[list[Hypothesis]]:
+    """Hypotheses over shortlist positions -> over target ids."""
+    if vocab is not None:
+        ids = vocab.ids.tolist()
+        for hyps in results:
+            for h in hyps:
+                h.tokens = [ids[t] for t in h.tokens]
     return results
 
 
@@ -167,7 +197,8 @@ def coverage_score(coverage: torch.Tensor, mask: torch.Tensor, beta: float) -> f
 
 @torch.no_grad()
 def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules: Rules, beam_size: int,
-                alpha: float = 1.0, nbest: int = 1, coverage_penalty: float = 0.0) -> list[list[Hypothesis]]:
+                alpha: float = 1.0, nbest: int = 1, coverage_penalty: float = 0.0,
+                vocab: Optional[BatchVocab] = None) -> list[list[Hypothesis]]:
     """Batched beam search: all sentences x beams in one tensor; the encoder runs once per sentence.
 
     A sentence is done when it has `beam_size` finished hypotheses or reaches its length limit;
@@ -176,7 +207,9 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules
     K = beam_size
     B = src.size(0)
     dev = src.device
-    state = model.encode(src, src_lens).select(torch.arange(B, device=dev).repeat_interleave(K))
+    state = model.encode(src, src_lens, None if vocab is None else vocab.ids)
+    state = state.select(torch.arange(B, device=dev).repeat_interleave(K))
+    output = None if vocab is None else vocab.output
     scores = torch.full((B, K), NEG, device=dev)
     scores[:, 0] = 0.0  # all beams start identical: keep one so the first step is not K copies
     history = src.new_full((B * K, 0), BOS)
@@ -192,7 +225,7 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules
         return score
 
     for t in range(max(rules.max_len)):
-        lp, state, weights = model.step(prev, state)
+        lp, state, weights = model.step(_target_ids(prev, vocab), state, output)
         if coverage is not None:  # only attention models report weights; without them there is no coverage
             coverage = None if weights is None else coverage + weights
         n, V = len(active), lp.size(-1)
@@ -240,4 +273,4 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules
     for hyps in finished:
         hyps.sort(key=lambda h: h.score, reverse=True)
         del hyps[nbest:]
-    return finished
+    return _mapped(finished, vocab)

@@ -125,6 +125,10 @@ class ShardStream:
             counts.dropped_long += ex.dropped_long
             yield from zip(ex.src, ex.tgt)
 
+    def pairs(self) -> Iterator[tuple[list[int], list[int]]]:
+        """One pass over the encoded pairs, shards in a fixed order (for counting, not training)."""
+        return self._encoded(random.Random(0), Counts())
+
     def batches(self, batch_tokens: int, seed: int, counts: Counts) -> Iterator[Examples]:
         """One epoch's batches; `counts` is filled in as the stream is read."""
         rng = random.Random(seed)

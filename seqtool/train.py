@@ -26,6 +26,7 @@ from seqtool.metrics import bleu, rouge_mean
 from seqtool.model.seq2seq import build_model
 from seqtool.progress import Reporter
 from seqtool.shards import Counts, ShardStream, read_shards, shard_pairs, side_lines
+from seqtool.shortlist import MAX_PAIRS, build_shortlist
 from seqtool.tokenizer import PAD, Tokenizer, train_tokenizer
 from seqtool.translate import Translator
 
@@ -440,6 +441,11 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
                      f"{train.dropped_empty} with an empty side dropped)")
         if not len(train):
             raise SeqtoolError("no training pairs left after filtering; check data.max_src_len / max_tgt_len")
+    if not resume:
+        start = time.time()
+        pairs = train.pairs() if isinstance(train, ShardStream) else zip(train.src, train.tgt)
+        bundle.shortlist = build_shortlist(pairs, bundle.src_tok.vocab_size, bundle.tgt_tok.vocab_size)
+        reporter.log(f"shortlist table (decoding.shortlist) from up to {MAX_PAIRS:,} pairs in {time.time() - start:.1f} s")
     valid, valid_src, valid_ref = None, [], []
     if cfg.data.valid_src:
         valid_src, valid_ref = read_pairs(cfg.data.valid_src, cfg.data.valid_tgt)

@@ -20,6 +20,7 @@ from seqtool.data import make_batch
 from seqtool.errors import SeqtoolError
 from seqtool.model.seq2seq import Seq2Seq
 from seqtool.search import Hypothesis, Rules, argmax, beam_search, greedy, make_rules, sampler
+from seqtool.shortlist import BatchVocab, Shortlist, restrict_output
 from seqtool.tokenizer import Tokenizer
 
 
@@ -53,10 +54,14 @@ class Translator:
     warn: Callable[[str], None] = lambda message: None
     with_attention: bool = False  # fill Translation.attention (attention models only)
     with_pieces: bool = False  # fill Translation.src_pieces / pieces (JSON output); off in plain text, the hot path
+    shortlist: Optional[Shortlist] = None  # the model file's table, used when decoding.shortlist is set
 
     def __post_init__(self) -> None:
         if self.with_attention and self.model.decoder.mode != "attention":
             raise SeqtoolError(f"attention weights need a model with context 'attention', not '{self.model.decoder.mode}'")
+        if self.decoding.shortlist and self.shortlist is None:
+            raise SeqtoolError("decoding.shortlist: this model file has no shortlist table (trained by an older seqtool); "
+                               "decode without --shortlist, or train it again")
 
     def rules(self, ids: list[list[int]]) -> Rules:
         d = self.decoding
@@ -71,13 +76,28 @@ class Translator:
 
     def search(self, ids: list[list[int]]) -> list[list[Hypothesis]]:
         """Decode a batch of non-empty id sequences."""
-        batch = make_batch(ids, [[0]] * len(ids)).to(self.model.device)
-        d, rules = self.decoding, self.rules(ids).to(self.model.device)
+        device = self.model.device
+        batch = make_batch(ids, [[0]] * len(ids)).to(device)
+        d, rules, vocab = self.decoding, self.rules(ids), None
+        if d.shortlist:
+            vocab = self.batch_vocab(ids, rules.forced_tokens())
+            rules = rules.restricted(vocab.ids.cpu())
+        rules = rules.to(device)
         if d.sample or (d.beam_size == 1 and d.nbest == 1):
             pick = sampler(d.temperature, d.top_k, d.top_p, d.seed) if d.sample else argmax
-            return greedy(self.model, batch.src, batch.src_lens, rules, d.length_penalty, pick)
+            return greedy(self.model, batch.src, batch.src_lens, rules, d.length_penalty, pick, vocab)
         return beam_search(self.model, batch.src, batch.src_lens, rules, d.beam_size, d.length_penalty, d.nbest,
-                           d.coverage_penalty)
+                           d.coverage_penalty, vocab)
+
+    def batch_vocab(self, ids: list[list[int]], forced: torch.Tensor) -> BatchVocab:
+        """The shortlist of a batch of sources, and the output layer cut to it."""
+        assert self.shortlist is not None
+        extra = [forced]
+        if self.src_tok is self.tgt_tok:  # one vocabulary: a source token may be output as it is (names, copying)
+            extra.append(torch.tensor([i for s in ids for i in s], dtype=torch.long))
+        d = self.decoding
+        target_ids = self.shortlist.ids(ids, d.shortlist, d.shortlist_frequent, torch.cat(extra)).to(self.model.device)
+        return BatchVocab(target_ids, restrict_output(self.model.output, target_ids))
 
     def translate(self, lines: list[str], first_lineno: int = 1) -> list[Translation]:
         """Translate lines in any order of length; the result has one entry per line, in order."""

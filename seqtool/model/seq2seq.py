@@ -40,9 +40,13 @@ class Seq2Seq(nn.Module):
     def device(self) -> torch.device:
         return self.decoder.embed.weight.device  # an embedding: quantized linear layers hold no .weight tensor
 
-    def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> DecoderState:
+    def encode(self, src: torch.Tensor, src_lens: torch.Tensor, vocab: Optional[torch.Tensor] = None) -> DecoderState:
+        """Encoder states and the decoder's first state; with a shortlist `vocab` (sorted target ids holding
+        every source id), copying writes onto the source ids' positions in it."""
         state = self.decoder.init_state(self.encoder(src, src_lens))
-        return replace(state, src=src) if self.copy_gate is not None else state
+        if self.copy_gate is None:
+            return state
+        return replace(state, src=src if vocab is None else torch.searchsorted(vocab, src))
 
     def forward(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         """Teacher-forced scores (B, T, V): logits, or log-probabilities with copy (cross-entropy treats
@@ -53,18 +57,22 @@ class Seq2Seq(nn.Module):
             return self.output(feats)
         return self._copy_log_probs(feats, weights, state.src)
 
-    def step(self, prev: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState, Optional[torch.Tensor]]:
-        """One decoding step: previous tokens (B,) -> (log-probabilities (B, V), state, attention weights)."""
+    def step(self, prev: torch.Tensor, state: DecoderState, output: Optional[nn.Module] = None
+             ) -> tuple[torch.Tensor, DecoderState, Optional[torch.Tensor]]:
+        """One decoding step: previous tokens (B,) -> (log-probabilities (B, V), state, attention weights);
+        `output` replaces the output layer (a shortlist's, V = its size)."""
         feats, state, weights = self.decoder.step(prev, state)
+        output = self.output if output is None else output
         if self.copy_gate is None:
-            return torch.log_softmax(self.output(feats), dim=-1), state, weights
-        return self._copy_log_probs(feats, weights, state.src), state, weights
+            return torch.log_softmax(output(feats), dim=-1), state, weights
+        return self._copy_log_probs(feats, weights, state.src, output), state, weights
 
-    def _copy_log_probs(self, feats: torch.Tensor, weights: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    def _copy_log_probs(self, feats: torch.Tensor, weights: torch.Tensor, src: torch.Tensor,
+                        output: Optional[nn.Module] = None) -> torch.Tensor:
         """Pointer-generator (See et al., 2017): p = g * softmax(output) + (1 - g) * attention summed per
         source id, with the gate g = sigmoid(w . features); features (B, [T,] O), weights (B, [T,] S)."""
         gate = torch.sigmoid(self.copy_gate(feats).float())
-        probs = gate * torch.softmax(self.output(feats).float(), dim=-1)
+        probs = gate * torch.softmax((self.output if output is None else output)(feats).float(), dim=-1)
         ids = src if weights.dim() == 2 else src.unsqueeze(1).expand(-1, weights.size(1), -1)
         probs = probs.scatter_add(-1, ids, (1.0 - gate) * weights.float())
         return torch.log(probs.clamp_min(1e-12))

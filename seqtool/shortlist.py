@@ -1,0 +1,125 @@
+"""Vocabulary shortlist: the target tokens a batch may produce, from a table learned on the training pairs.
+
+At small hidden sizes the output layer and the softmax over the whole target vocabulary are most of
+a decoding step. As Marian and Sockeye do, decoding can restrict them to the target tokens likely
+for the batch's sources: for each source token its best associated target tokens (Dice coefficient
+of sentence co-occurrence, counted on the training pairs when training starts), the most frequent
+target tokens, the special tokens, and any token a rule forces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import islice
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from seqtool.config import SHORTLIST_TABLE
+from seqtool.device import int8_dynamic
+from seqtool.tokenizer import EOS
+
+MAX_PAIRS = 1_000_000  # pairs counted: enough for stable associations, bounded time on huge corpora
+CHUNK = 20_000  # pairs counted per vectorized pass
+SPECIALS = EOS + 1  # ids 0..EOS: kept first in every shortlist, so that they keep their ids in it
+
+
+@dataclass
+class Shortlist:
+    table: torch.Tensor  # (src_vocab, SHORTLIST_TABLE) int64 target ids, best first, -1 where fewer
+    frequent: torch.Tensor  # (n,) int64 target ids seen in training, most frequent first
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"shortlist.table": self.table, "shortlist.frequent": self.frequent}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> Optional["Shortlist"]:
+        table, frequent = tensors.get("shortlist.table"), tensors.get("shortlist.frequent")
+        return None if table is None or frequent is None else cls(table, frequent)
+
+    def fits(self, src_vocab: int, tgt_vocab: int) -> bool:
+        """Whether the tensors are a table for these vocabularies (a damaged or foreign file is refused)."""
+        t, f = self.table, self.frequent
+        return (t.dtype == f.dtype == torch.long and t.dim() == 2 and t.size(0) == src_vocab
+                and f.dim() == 1 and bool(((t >= -1) & (t < tgt_vocab)).all()) and bool(((f >= 0) & (f < tgt_vocab)).all()))
+
+    def ids(self, sources: Sequence[Sequence[int]], per_token: int, frequent: int,
+            extra: Sequence[int] | torch.Tensor = ()) -> torch.Tensor:
+        """Sorted target ids for a batch of source id lists: specials, `frequent` most frequent tokens,
+        `per_token` associated tokens per source token, and `extra` (forced or copied tokens)."""
+        src = torch.tensor(sorted({i for s in sources for i in s}), dtype=torch.long)
+        assoc = self.table[src, :per_token].flatten()
+        parts = [torch.arange(SPECIALS), self.frequent[:frequent], assoc[assoc >= 0], torch.as_tensor(extra, dtype=torch.long)]
+        return torch.unique(torch.cat(parts))  # sorted: ids 0..EOS sit at positions 0..EOS
+
+
+@dataclass
+class BatchVocab:
+    """What a search over a shortlist needs: the target ids it may produce, and the output layer cut to them.
+    The search works in positions of `ids` and maps its outputs back to target ids."""
+
+    ids: torch.Tensor  # (n,) sorted target ids
+    output: nn.Module
+
+
+def _unique_counts(keys: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum `counts` over equal `keys`."""
+    uniq, inverse = torch.unique(keys, return_inverse=True)
+    return uniq, torch.zeros(len(uniq), dtype=torch.long).scatter_add_(0, inverse, counts)
+
+
+def _count_chunk(pairs: list[tuple[Sequence[int], Sequence[int]]], src_vocab: int, tgt_vocab: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (co-occurrence keys src_id * tgt_vocab + tgt_id, one per (source type, target type) of a pair;
+    pairs holding each source token; pairs holding each target token; target token counts)."""
+    srcs = [torch.tensor(sorted(set(s)), dtype=torch.long) for s, _ in pairs]
+    tgts = [torch.tensor(sorted(set(t)), dtype=torch.long) for _, t in pairs]
+    keys = torch.cat([(s.unsqueeze(1) * tgt_vocab + t.unsqueeze(0)).flatten() for s, t in zip(srcs, tgts)])
+    tokens = torch.tensor([i for _, t in pairs for i in t], dtype=torch.long)
+    return (keys, torch.bincount(torch.cat(srcs), minlength=src_vocab), torch.bincount(torch.cat(tgts), minlength=tgt_vocab),
+            torch.bincount(tokens, minlength=tgt_vocab))
+
+
+def build_shortlist(pairs: Iterable[tuple[Sequence[int], Sequence[int]]], src_vocab: int, tgt_vocab: int,
+                    size: int = SHORTLIST_TABLE) -> Shortlist:
+    """Count sentence co-occurrences over (at most MAX_PAIRS) id pairs and keep, per source token, the
+    `size` target tokens with the highest Dice coefficient 2 c(s,t) / (c(s) + c(t))."""
+    keys = torch.zeros(0, dtype=torch.long)
+    counts = torch.zeros(0, dtype=torch.long)
+    src_count = torch.zeros(src_vocab, dtype=torch.long)
+    tgt_count = torch.zeros(tgt_vocab, dtype=torch.long)
+    tgt_tokens = torch.zeros(tgt_vocab, dtype=torch.long)
+    pairs = islice(pairs, MAX_PAIRS)
+    while chunk := list(islice(pairs, CHUNK)):
+        chunk_keys, chunk_src, chunk_tgt, chunk_tokens = _count_chunk(chunk, src_vocab, tgt_vocab)
+        keys, counts = _unique_counts(torch.cat([keys, chunk_keys]), torch.cat([counts, torch.ones_like(chunk_keys)]))
+        src_count += chunk_src
+        tgt_count += chunk_tgt
+        tgt_tokens += chunk_tokens
+    s, t = keys // tgt_vocab, keys % tgt_vocab
+    dice = 2.0 * counts / (src_count[s] + tgt_count[t])
+    order = torch.sort(dice, descending=True, stable=True).indices
+    order = order[torch.sort(s[order], stable=True).indices]  # by source, best association first
+    s, t = s[order], t[order]
+    starts = torch.searchsorted(s, s, side="left")
+    rank = torch.arange(len(s)) - starts
+    keep = rank < size
+    table = torch.full((src_vocab, size), -1, dtype=torch.long)
+    table[s[keep], rank[keep]] = t[keep]
+    seen = tgt_tokens > 0
+    frequent = torch.sort(tgt_tokens, descending=True, stable=True).indices[: int(seen.sum())]
+    return Shortlist(table, frequent)
+
+
+def restrict_output(layer: nn.Module, ids: torch.Tensor) -> nn.Module:
+    """The output layer cut to the rows of `ids`: a plain linear layer, or an int8 one for an int8 layer."""
+    quantized = isinstance(layer, torch.ao.nn.quantized.dynamic.Linear)
+    weight, bias = (layer.weight().dequantize(), layer.bias()) if quantized else (layer.weight, layer.bias)
+    small = nn.utils.skip_init(nn.Linear, weight.size(1), len(ids), device=weight.device)
+    with torch.no_grad():
+        small.weight.copy_(weight.index_select(0, ids))
+        small.bias.copy_(bias.index_select(0, ids))
+    if quantized:
+        return int8_dynamic(small)
+    return small

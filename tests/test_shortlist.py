@@ -1,0 +1,138 @@
+"""Vocabulary shortlist: the lexical table, batch vocabularies, searches over them, model files and the CLI."""
+
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import SAMPLE, run_cli
+from seqtool.checkpoint import load_model, save_model
+from seqtool.data import make_batch
+from seqtool.errors import ModelFileError
+from seqtool.search import beam_search, greedy, make_rules
+from seqtool.shortlist import BatchVocab, Shortlist, build_shortlist, restrict_output
+from seqtool.tokenizer import EOS
+from test_cli_errors import assert_one_line_error
+from test_search import V, model_for, sources
+
+PAIRS = [([10, 11], [20, 21]), ([10], [20]), ([11, 12], [21, 22]), ([10, 12], [20, 22, 22])]
+
+
+def test_table_ranks_targets_by_dice_and_frequent_by_count():
+    # Sentence counts: sources 10:3 11:2 12:2, targets 20:3 21:2 22:2; Dice 2 c(s,t) / (c(s) + c(t)):
+    # 10 -> 20: 1, 21: .4, 22: .4 (ties keep id order); 11 -> 21: 1, 22: .5, 20: .4; 12 -> 22: 1, 21: .5, 20: .4
+    sl = build_shortlist(iter(PAIRS), 15, 25, size=2)
+    assert sl.table.shape == (15, 2)
+    assert sl.table[10].tolist() == [20, 21] and sl.table[11].tolist() == [21, 22] and sl.table[12].tolist() == [22, 21]
+    assert (sl.table[:10] == -1).all() and (sl.table[13:] == -1).all()
+    assert sl.frequent.tolist() == [20, 22, 21]  # token counts 3, 3, 2
+    assert sl.fits(15, 25) and not sl.fits(16, 25) and not sl.fits(15, 22)
+
+
+def test_batch_ids_are_sorted_and_keep_the_special_ids_in_place():
+    sl = build_shortlist(iter(PAIRS), 15, 25, size=3)
+    ids = sl.ids([[10], [12, 12]], per_token=1, frequent=1, extra=torch.tensor([24]))
+    assert ids.tolist() == [0, 1, 2, 3, 20, 22, 24]
+    assert ids[EOS] == EOS
+
+
+def test_restricted_output_layer_gives_the_same_scores_in_fp32_and_close_ones_in_int8():
+    torch.manual_seed(0)
+    layer, x, ids = torch.nn.Linear(16, 50), torch.randn(7, 16), torch.tensor([0, 3, 8, 9, 30, 49])
+    torch.testing.assert_close(restrict_output(layer, ids)(x), layer(x)[:, ids])
+    q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(layer), {torch.nn.Linear}, dtype=torch.qint8)[0]
+    torch.testing.assert_close(restrict_output(q, ids)(x), layer(x)[:, ids], atol=0.05, rtol=0.05)
+
+
+def _search(which, srcs, vocab_ids, beam, **rule_args):
+    model = model_for(*which)
+    b = make_batch(srcs, [[4]] * len(srcs))
+    rules = make_rules([len(s) for s in srcs], V, 1.5, 4, **rule_args)
+    vocab = None
+    if vocab_ids is not None:
+        vocab = BatchVocab(vocab_ids, restrict_output(model.output, vocab_ids))
+        rules = rules.restricted(vocab_ids)
+    if beam == 1:
+        return greedy(model, b.src, b.src_lens, rules, vocab=vocab)
+    return beam_search(model, b.src, b.src_lens, rules, beam, nbest=beam, vocab=vocab)
+
+
+models = st.sampled_from([("gru", "attention"), ("lstm", "init"), ("rnn", "every_step"), ("lstm", "attention", True)])
+subsets = st.sets(st.integers(EOS + 1, V - 1), min_size=1, max_size=V - EOS - 1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(sources, models, st.integers(1, 4))
+def test_a_shortlist_of_the_whole_vocabulary_changes_nothing(srcs, which, beam):
+    full = _search(which, srcs, None, beam)
+    listed = _search(which, srcs, torch.arange(V), beam)
+    assert [[h.tokens for h in hyps] for hyps in full] == [[h.tokens for h in hyps] for hyps in listed]
+
+
+@settings(max_examples=30, deadline=None)
+@given(sources, models, subsets)
+def test_greedy_over_a_shortlist_is_greedy_with_every_other_token_banned(srcs, which, subset):
+    ids = torch.tensor(sorted({0, 1, 2, 3} | subset | ({t for s in srcs for t in s} if len(which) == 3 else set())))
+    listed = _search(which, srcs, ids, beam=1)
+    for hyps in listed:
+        assert set(hyps[0].tokens) <= set(ids.tolist())
+    if len(which) == 2:  # without copying, the argmax over the kept tokens is the argmax of the masked full scores
+        model = model_for(*which)
+        b = make_batch(srcs, [[4]] * len(srcs))
+        rules = make_rules([len(s) for s in srcs], V, 1.5, 4)
+        rules.banned |= ~torch.isin(torch.arange(V), ids)
+        banned = greedy(model, b.src, b.src_lens, rules)
+        assert [h[0].tokens for h in listed] == [h[0].tokens for h in banned]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.lists(st.integers(5, V - 1), min_size=1, max_size=10), min_size=1, max_size=4), subsets,
+       st.integers(1, 4))
+def test_forced_tokens_are_kept_and_placed_with_a_shortlist(srcs, subset, beam):
+    punct = [5, 6]
+    forced = [[t if t in punct else -1 for t in s] for s in srcs]
+    sl = Shortlist(torch.full((V, 1), -1, dtype=torch.long), torch.tensor(sorted(subset)))
+    rules = make_rules([len(s) for s in srcs], V, 1.5, 4, forced=forced, free_banned=punct)
+    ids = sl.ids(srcs, 1, len(subset), rules.forced_tokens())
+    for src, hyps in zip(srcs, _search(("gru", "attention"), srcs, ids, beam, forced=forced, free_banned=punct)):
+        for h in hyps:
+            assert len(h.tokens) == len(src)
+            assert [i for i, t in enumerate(h.tokens) if t in punct] == [i for i, t in enumerate(src) if t in punct]
+            assert all(h.tokens[i] == src[i] for i, t in enumerate(src) if t in punct)
+
+
+def test_model_file_keeps_the_table_and_refuses_a_foreign_one(trained_model, tmp_path):
+    bundle = load_model(trained_model)
+    assert bundle.shortlist is not None and bundle.shortlist.table.size(0) == bundle.src_tok.vocab_size
+    bundle.shortlist = Shortlist(bundle.shortlist.table[:-1], bundle.shortlist.frequent)
+    save_model(tmp_path / "bad.safetensors", bundle)
+    with pytest.raises(ModelFileError, match="shortlist table does not match"):
+        load_model(tmp_path / "bad.safetensors")
+
+
+def test_shortlist_from_the_cli_keeps_lines_and_quality(trained_model, tmp_path):
+    src = tmp_path / "in.src"
+    lines = (SAMPLE / "test.src").read_text().splitlines()[:200]
+    src.write_text("\n".join(lines[:100] + [""] + lines[100:]) + "\n")
+    ref = tmp_path / "ref"
+    refs = (SAMPLE / "test.tgt").read_text().splitlines()[:200]
+    ref.write_text("\n".join(refs[:100] + [""] + refs[100:]) + "\n")
+    bleus = {}
+    for flags in (["--shortlist", "0"], ["--shortlist", "5"], ["--shortlist", "5", "--quantize", "--beam", "1"]):
+        out = run_cli("translate", "-m", str(trained_model), str(src), *flags, check=True).stdout.split("\n")
+        assert len(out) == 202 and out[100] == "" and all(out[:100])
+        proc = run_cli("evaluate", "-m", str(trained_model), "--src", str(src), "--ref", str(ref), *flags, check=True)
+        bleus[" ".join(flags)] = float(re.search(r"bleu = ([\d.]+)", proc.stdout).group(1))
+    full = bleus["--shortlist 0"]
+    assert full > 40 and all(abs(b - full) < 2 for b in bleus.values()), bleus
+
+
+def test_a_model_without_a_table_refuses_shortlist_in_one_line(trained_model, tmp_path):
+    bundle = load_model(trained_model)
+    bundle.shortlist = None
+    save_model(tmp_path / "old.safetensors", bundle)
+    proc = run_cli("translate", "-m", str(tmp_path / "old.safetensors"), "--shortlist", "5", input="a b c\n")
+    assert_one_line_error(proc, "no shortlist table")
+    assert run_cli("translate", "-m", str(tmp_path / "old.safetensors"), input="a b c\n", check=True).stdout.count("\n") == 1
