@@ -235,7 +235,8 @@ class Trainer:
         if self.valid is not None:
             loss, ppl = validation_loss(model, self.valid, t.batch_tokens)
             n = t.valid_max_sentences or len(self.valid_src)
-            decoding = self.cfg.decoding.model_copy(update={"beam_size": 1, "nbest": 1})
+            # Greedy over the whole vocabulary: the dev score measures the model, not the decoding shortcuts.
+            decoding = self.cfg.decoding.model_copy(update={"beam_size": 1, "nbest": 1, "shortlist": 0})
             translator = Translator(model, self.bundle.src_tok, self.bundle.tgt_tok, decoding, self.cfg.data.truncate_src)
             hyps = [tr.text for tr in translator.translate(self.valid_src[:n])]
             record.update(valid_loss=round(loss, 4), valid_ppl=round(ppl, 2), valid_bleu=round(bleu(hyps, self.valid_ref[:n]), 2))

@@ -45,7 +45,7 @@ def tiny_config(model_dir: Path, **sections) -> dict:
         "model": {"embedding_size": 32, "encoder_hidden_size": 32, "hidden_size": 32, "dropout": 0.1},
         "training": {"model_dir": str(model_dir), "batch_tokens": 1500, "lr": 0.003, "max_steps": 700,
                      "valid_every": 350, "valid_max_sentences": 200},
-        "decoding": {"beam_size": 5},
+        "decoding": {"beam_size": 5, "shortlist": 5},  # the shortlist path runs in every end-to-end test
     }
     for section, values in sections.items():
         cfg[section].update(values)
