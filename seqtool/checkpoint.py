@@ -211,7 +211,8 @@ def model_card(bundle: ModelBundle, path: Path) -> dict[str, Any]:
         f"context {m.context}{attention}",
         "parameters": sum(p.numel() for p in bundle.model.parameters()),
         "vocab": {"src": bundle.src_tok.vocab_size, "tgt": bundle.tgt_tok.vocab_size,
-                  "tokenizer": bundle.config.tokenizer.type, "joint": bundle.src_tok is bundle.tgt_tok},
+                  "tokenizer": bundle.config.tokenizer.type, "joint": bundle.src_tok is bundle.tgt_tok,
+                  "shortlist_table": bundle.shortlist is not None},
         **{k: v for k, v in bundle.info.items() if k != "params"},
         "config": bundle.config.model_dump(),
     }

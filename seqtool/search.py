@@ -56,6 +56,7 @@ class Rules:
         forced = None
         if self.forced is not None:
             forced = torch.where(self.forced >= 0, position[self.forced.clamp_min(0)], -1)
+            assert int((forced >= 0).sum()) == int((self.forced >= 0).sum()), "a forced token is not in the shortlist"
         free_banned = None if self.free_banned is None else self.free_banned[ids]
         return Rules(self.min_len, self.max_len, self.banned[ids], forced, free_banned, self.no_repeat_ngram)
 

@@ -31,12 +31,15 @@ class Shortlist:
     frequent: torch.Tensor  # (n,) int64 target ids seen in training, most frequent first
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"shortlist.table": self.table, "shortlist.frequent": self.frequent}
+        """For the model file: int32 halves the table's size there."""
+        return {"shortlist.table": self.table.int(), "shortlist.frequent": self.frequent.int()}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> Optional["Shortlist"]:
         table, frequent = tensors.get("shortlist.table"), tensors.get("shortlist.frequent")
-        return None if table is None or frequent is None else cls(table, frequent)
+        if table is None or frequent is None:
+            return None
+        return cls(_widened(table), _widened(frequent))
 
     def fits(self, src_vocab: int, tgt_vocab: int) -> bool:
         """Whether the tensors are a table for these vocabularies (a damaged or foreign file is refused)."""
@@ -52,6 +55,10 @@ class Shortlist:
         assoc = self.table[src, :per_token].flatten()
         parts = [torch.arange(SPECIALS), self.frequent[:frequent], assoc[assoc >= 0], torch.as_tensor(extra, dtype=torch.long)]
         return torch.unique(torch.cat(parts))  # sorted: ids 0..EOS sit at positions 0..EOS
+
+
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    return t.long() if t.dtype == torch.int32 else t  # any other dtype is a foreign table: `fits` refuses it
 
 
 @dataclass

@@ -105,6 +105,7 @@ def test_info_model_card(trained_model):
     assert "parameters:" in text and "context attention" in text
     card = json.loads(run_cli("info", str(trained_model), "--json", check=True).stdout)
     assert card["step"] in (350, 700) and card["format_version"] == 1 and card["vocab"]["joint"] is True
+    assert card["vocab"]["shortlist_table"] is True
     assert card["best"]["bleu"] > 40 and card["config"]["model"]["hidden_size"] == 32
 
 
