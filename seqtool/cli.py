@@ -380,8 +380,8 @@ def serve(
         raise SeqtoolError("--max-lines must be at least 1 and --batch-wait-ms at least 0")
     bundle = load_model(model)
     flags = {"beam_size": beam, "batch_size": batch_size, "device": device, "quantize": quantize, "shortlist": shortlist}
-    card = model_card(bundle, resolve_model_path(model))  # before --quantize converts the model's layers
     translator = _translator(model, overrides, flags, False, verbose, bundle=bundle, pieces=True)
+    card = model_card(bundle, resolve_model_path(model))
     run_server(make_app(translator, card, max_lines, wait_ms=wait_ms), host, port, verbose)
 
 

@@ -93,20 +93,19 @@ def pick_precision(device: torch.device, requested: str) -> Precision:
 
 
 def quantized(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """`model` with int8 dynamically quantized layers for CPU inference (torch.ao: nn.Linear, GRU, LSTM),
-    converted in place: the fp32 weights are not kept beside the int8 ones."""
+    """An int8 dynamically quantized copy of `model` for CPU inference (torch.ao: nn.Linear, GRU, LSTM)."""
     if device.type != "cpu":
         raise ConfigError(f"decoding.quantize is int8 inference on the CPU; the model is on {device}")
     if "fbgemm" not in torch.backends.quantized.supported_engines and "x86" not in torch.backends.quantized.supported_engines:
         raise ConfigError("decoding.quantize: this torch build has no x86 quantized engine")
-    return int8_dynamic(model, inplace=True)
+    return int8_dynamic(model)
 
 
-def int8_dynamic(model: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
+def int8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
     """torch's dynamic int8 quantization of the linear and GRU/LSTM layers (Elman RNNs have no int8 kernel),
     without the deprecation warnings it prints on every call: they are torch's plans, not the user's concern."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
         return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear, torch.nn.GRU, torch.nn.LSTM},
-                                                      dtype=torch.qint8, inplace=inplace)
+                                                      dtype=torch.qint8)
