@@ -52,6 +52,25 @@ def tiny_config(model_dir: Path, **sections) -> dict:
     return cfg
 
 
+def bleu_per_flags(model_dir: Path, tmp_path: Path, variants: list[list[str]], n: int = 100) -> dict[str, float]:
+    """Translate the first n sample test lines, with an empty line in the middle, once per list of
+    decoding flags; check every line is answered in place and return test BLEU per variant."""
+    import re
+
+    half = n // 2
+    src, ref = tmp_path / "in.src", tmp_path / "ref"
+    for path, name in ((src, "test.src"), (ref, "test.tgt")):
+        lines = (SAMPLE / name).read_text().splitlines()[:n]
+        path.write_text("\n".join(lines[:half] + [""] + lines[half:]) + "\n")
+    bleus = {}
+    for flags in variants:
+        out = run_cli("translate", "-m", str(model_dir), str(src), *flags, check=True).stdout.split("\n")
+        assert len(out) == n + 2 and out[half] == "" and out[-1] == "" and all(out[:half])
+        proc = run_cli("evaluate", "-m", str(model_dir), "--src", str(src), "--ref", str(ref), *flags, check=True)
+        bleus[" ".join(flags)] = float(re.search(r"bleu = ([\d.]+)", proc.stdout).group(1))
+    return bleus
+
+
 def write_config(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return path

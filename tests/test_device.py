@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import seqtool.device as device_mod
-from conftest import SAMPLE, read_metrics, run_cli, tiny_config, write_config
+from conftest import SAMPLE, bleu_per_flags, read_metrics, run_cli, tiny_config, write_config
 from seqtool.config import validate
 from seqtool.device import Precision, pick_device, pick_precision
 from seqtool.errors import ConfigError
@@ -68,20 +68,7 @@ def test_mixed_precision_training_learns_and_keeps_fp32_weights(tmp_path, dtype,
 
 def test_quantized_decoding_keeps_lines_and_quality(tmp_path, trained_model):
     """--quantize: int8 linear and GRU layers; every line answered, BLEU within 2 of fp32 on the sample task."""
-    import re
-
-    src = tmp_path / "in.src"
-    lines = (SAMPLE / "test.src").read_text().splitlines()[:100]
-    src.write_text("\n".join(lines[:50] + [""] + lines[50:]) + "\n")
-    ref = tmp_path / "ref"
-    refs = (SAMPLE / "test.tgt").read_text().splitlines()[:100]
-    ref.write_text("\n".join(refs[:50] + [""] + refs[50:]) + "\n")
-    bleus = {}
-    for flag in ("--no-quantize", "--quantize"):
-        out = run_cli("translate", "-m", str(trained_model), str(src), flag, check=True).stdout.split("\n")
-        assert len(out) == 102 and out[50] == "" and out[-1] == "" and all(out[:50])
-        proc = run_cli("evaluate", "-m", str(trained_model), "--src", str(src), "--ref", str(ref), flag, check=True)
-        bleus[flag] = float(re.search(r"bleu = ([\d.]+)", proc.stdout).group(1))
+    bleus = bleu_per_flags(trained_model, tmp_path, [["--no-quantize"], ["--quantize"]])
     assert bleus["--no-quantize"] > 40 and abs(bleus["--quantize"] - bleus["--no-quantize"]) < 2, bleus
 
 

@@ -1,13 +1,11 @@
 """Vocabulary shortlist: the lexical table, batch vocabularies, searches over them, model files and the CLI."""
 
-import re
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import SAMPLE, run_cli
+from conftest import bleu_per_flags, run_cli
 from seqtool.checkpoint import load_model, save_model
 from seqtool.data import make_batch
 from seqtool.errors import ModelFileError
@@ -113,18 +111,8 @@ def test_model_file_keeps_the_table_and_refuses_a_foreign_one(trained_model, tmp
 
 
 def test_shortlist_from_the_cli_keeps_lines_and_quality(trained_model, tmp_path):
-    src = tmp_path / "in.src"
-    lines = (SAMPLE / "test.src").read_text().splitlines()[:200]
-    src.write_text("\n".join(lines[:100] + [""] + lines[100:]) + "\n")
-    ref = tmp_path / "ref"
-    refs = (SAMPLE / "test.tgt").read_text().splitlines()[:200]
-    ref.write_text("\n".join(refs[:100] + [""] + refs[100:]) + "\n")
-    bleus = {}
-    for flags in (["--shortlist", "0"], ["--shortlist", "5"], ["--shortlist", "5", "--quantize", "--beam", "1"]):
-        out = run_cli("translate", "-m", str(trained_model), str(src), *flags, check=True).stdout.split("\n")
-        assert len(out) == 202 and out[100] == "" and all(out[:100])
-        proc = run_cli("evaluate", "-m", str(trained_model), "--src", str(src), "--ref", str(ref), *flags, check=True)
-        bleus[" ".join(flags)] = float(re.search(r"bleu = ([\d.]+)", proc.stdout).group(1))
+    variants = [["--shortlist", "0"], ["--shortlist", "5"], ["--shortlist", "5", "--quantize", "--beam", "1"]]
+    bleus = bleu_per_flags(trained_model, tmp_path, variants, n=200)
     full = bleus["--shortlist 0"]
     assert full > 40 and all(abs(b - full) < 2 for b in bleus.values()), bleus
 
