@@ -47,13 +47,16 @@ class Shortlist:
         return (t.dtype == f.dtype == torch.long and t.dim() == 2 and t.size(0) == src_vocab
                 and f.dim() == 1 and bool(((t >= -1) & (t < tgt_vocab)).all()) and bool(((f >= 0) & (f < tgt_vocab)).all()))
 
-    def ids(self, sources: Sequence[Sequence[int]], per_token: int, frequent: int,
-            extra: Sequence[int] | torch.Tensor = ()) -> torch.Tensor:
+    def ids(self, sources: Sequence[Sequence[int]], per_token: int, frequent: int, with_sources: bool,
+            forced: torch.Tensor) -> torch.Tensor:
         """Sorted target ids for a batch of source id lists: specials, `frequent` most frequent tokens,
-        `per_token` associated tokens per source token, and `extra` (forced or copied tokens)."""
+        `per_token` associated tokens per source token, the source tokens themselves if `with_sources`
+        (one vocabulary: names pass through, copying lands on them), and the `forced` tokens."""
         src = torch.tensor(sorted({i for s in sources for i in s}), dtype=torch.long)
         assoc = self.table[src, :per_token].flatten()
-        parts = [torch.arange(SPECIALS), self.frequent[:frequent], assoc[assoc >= 0], torch.as_tensor(extra, dtype=torch.long)]
+        parts = [torch.arange(SPECIALS), self.frequent[:frequent], assoc[assoc >= 0], forced.long()]
+        if with_sources:
+            parts.append(src)
         return torch.unique(torch.cat(parts))  # sorted: ids 0..EOS sit at positions 0..EOS
 
 
@@ -122,10 +125,11 @@ def build_shortlist(pairs: Iterable[tuple[Sequence[int], Sequence[int]]], src_vo
 def restrict_output(layer: nn.Module, ids: torch.Tensor) -> nn.Module:
     """The output layer cut to the rows of `ids`: a plain linear layer, or an int8 one for an int8 layer."""
     quantized = isinstance(layer, torch.ao.nn.quantized.dynamic.Linear)
-    weight, bias = (layer.weight().dequantize(), layer.bias()) if quantized else (layer.weight, layer.bias)
-    small = nn.utils.skip_init(nn.Linear, weight.size(1), len(ids), device=weight.device)
+    weight, bias = (layer.weight(), layer.bias()) if quantized else (layer.weight, layer.bias)
+    rows = weight.index_select(0, ids)  # int8 rows are dequantized after selection, not the whole layer
+    small = nn.utils.skip_init(nn.Linear, weight.size(1), len(ids), device=bias.device)
     with torch.no_grad():
-        small.weight.copy_(weight.index_select(0, ids))
+        small.weight.copy_(rows.dequantize() if quantized else rows)
         small.bias.copy_(bias.index_select(0, ids))
     if quantized:
         return int8_dynamic(small)

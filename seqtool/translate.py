@@ -92,11 +92,9 @@ class Translator:
     def batch_vocab(self, ids: list[list[int]], forced: torch.Tensor) -> BatchVocab:
         """The shortlist of a batch of sources, and the output layer cut to it."""
         assert self.shortlist is not None
-        extra = [forced]
-        if self.src_tok is self.tgt_tok:  # one vocabulary: a source token may be output as it is (names, copying)
-            extra.append(torch.tensor([i for s in ids for i in s], dtype=torch.long))
         d = self.decoding
-        target_ids = self.shortlist.ids(ids, d.shortlist, d.shortlist_frequent, torch.cat(extra)).to(self.model.device)
+        target_ids = self.shortlist.ids(ids, d.shortlist, d.shortlist_frequent, self.src_tok is self.tgt_tok,
+                                        forced).to(self.model.device)
         return BatchVocab(target_ids, restrict_output(self.model.output, target_ids))
 
     def translate(self, lines: list[str], first_lineno: int = 1) -> list[Translation]:

@@ -31,8 +31,10 @@ def test_table_ranks_targets_by_dice_and_frequent_by_count():
 
 def test_batch_ids_are_sorted_and_keep_the_special_ids_in_place():
     sl = build_shortlist(iter(PAIRS), 15, 25, size=3)
-    ids = sl.ids([[10], [12, 12]], per_token=1, frequent=1, extra=torch.tensor([24]))
+    ids = sl.ids([[10], [12, 12]], per_token=1, frequent=1, with_sources=False, forced=torch.tensor([24]))
     assert ids.tolist() == [0, 1, 2, 3, 20, 22, 24]
+    with_sources = sl.ids([[10], [12, 12]], per_token=1, frequent=1, with_sources=True, forced=torch.tensor([24]))
+    assert with_sources.tolist() == [0, 1, 2, 3, 10, 12, 20, 22, 24]
     assert ids[EOS] == EOS
 
 
@@ -93,7 +95,7 @@ def test_forced_tokens_are_kept_and_placed_with_a_shortlist(srcs, subset, beam):
     forced = [[t if t in punct else -1 for t in s] for s in srcs]
     sl = Shortlist(torch.full((V, 1), -1, dtype=torch.long), torch.tensor(sorted(subset)))
     rules = make_rules([len(s) for s in srcs], V, 1.5, 4, forced=forced, free_banned=punct)
-    ids = sl.ids(srcs, 1, len(subset), rules.forced_tokens())
+    ids = sl.ids(srcs, 1, len(subset), False, rules.forced_tokens())
     for src, hyps in zip(srcs, _search(("gru", "attention"), srcs, ids, beam, forced=forced, free_banned=punct)):
         for h in hyps:
             assert len(h.tokens) == len(src)
