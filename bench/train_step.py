@@ -30,6 +30,7 @@ import torch
 from seqtool.config import load_config
 from seqtool.data import make_batch
 from seqtool.model.seq2seq import build_model
+from seqtool import train
 from seqtool.train import batch_loss
 
 config, steps, batch_tokens, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -37,7 +38,8 @@ cfg = load_config(config)
 torch.manual_seed(seed)
 vocab = cfg.tokenizer.vocab_size
 model = build_model(cfg.model, vocab, vocab).train()
-opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+# The tree's own optimizer where it has one (older trees: plain Adam).
+opt = train.make_optimizer(model, 1e-3) if hasattr(train, "make_optimizer") else torch.optim.Adam(model.parameters(), lr=1e-3)
 rng = random.Random(seed)
 batches = []
 for _ in range(8):

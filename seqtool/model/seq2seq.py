@@ -7,11 +7,13 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from seqtool.config import ModelConfig
 from seqtool.errors import ConfigError
 from seqtool.model.decoder import Decoder, DecoderState
 from seqtool.model.encoder import Encoder
+from seqtool.model.loss import linear_cross_entropy
 from seqtool.tokenizer import PAD
 
 
@@ -48,14 +50,25 @@ class Seq2Seq(nn.Module):
             return state
         return replace(state, src=src if vocab is None else torch.searchsorted(vocab, src))
 
-    def forward(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+    def forward(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor,
+                tgt_out: Optional[torch.Tensor] = None, label_smoothing: float = 0.0) -> torch.Tensor:
         """Teacher-forced scores (B, T, V): logits, or log-probabilities with copy (cross-entropy treats
-        both alike: log_softmax leaves log-probabilities unchanged)."""
+        both alike: log_softmax leaves log-probabilities unchanged). Given `tgt_out`, the summed token
+        cross-entropy instead (padding ignored; softmax and sum in fp32 whatever the forward pass ran in)."""
         state = self.encode(src, src_lens)
         feats, weights = self.decoder(tgt_in, state)
+        if tgt_out is not None and self.copy_gate is None and not torch.is_autocast_enabled(feats.device.type):
+            real = tgt_out != PAD  # padding never reaches the output layer
+            return linear_cross_entropy(feats[real], self.output.weight, self.output.bias, tgt_out[real],
+                                        label_smoothing)
         if self.copy_gate is None:
-            return self.output(feats)
-        return self._copy_log_probs(feats, weights, state.src)
+            scores = self.output(feats)
+        else:
+            scores = self._copy_log_probs(feats, weights, state.src)
+        if tgt_out is None:
+            return scores
+        return F.cross_entropy(scores.float().flatten(0, 1), tgt_out.flatten(), ignore_index=PAD,
+                               label_smoothing=label_smoothing, reduction="sum")
 
     def step(self, prev: torch.Tensor, state: DecoderState, output: Optional[nn.Module] = None
              ) -> tuple[torch.Tensor, DecoderState, Optional[torch.Tensor]]:
