@@ -28,6 +28,8 @@ class Attention(nn.Module):
             raise ValueError(kind)
 
     def keys(self, states: torch.Tensor) -> torch.Tensor:
+        if self.kind == "additive":
+            return 2.0 * self.key_proj(states)  # see forward: the additive scores work on doubled sums
         return states if self.kind == "dot" else self.key_proj(states)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -36,8 +38,10 @@ class Attention(nn.Module):
         one_step = query.dim() == 2
         q = query.unsqueeze(1) if one_step else query  # (B, T, Q)
         if self.kind == "additive":
-            hidden = torch.tanh(self.query_proj(q).unsqueeze(2) + keys.unsqueeze(1))  # (B, T, S, Q)
-            scores = self.v(hidden).squeeze(-1)
+            # v.tanh(x) = 2 v.sigmoid(2x) - sum(v), and softmax ignores the constant: sigmoid is 3x faster
+            # than tanh on the CPU, and this (B, T, S, Q) tensor is the largest one of a decoder step.
+            hidden = torch.sigmoid(2.0 * self.query_proj(q).unsqueeze(2) + keys.unsqueeze(1))
+            scores = 2.0 * self.v(hidden).squeeze(-1)
         else:
             scores = torch.bmm(q, keys.transpose(1, 2))  # (B, T, S)
         scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
