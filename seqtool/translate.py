@@ -130,12 +130,18 @@ class Translator:
                            attention_weights(self.model, ids, best) if self.with_attention else None)
 
 
-def read_ahead(lines: Iterable[str], max_chunk: int) -> Iterator[list[str]]:
-    """Group lines into chunks of at most `max_chunk`, never waiting for more input than is ready.
+PATIENCE = 0.05  # seconds a chunk waits for its next line: far longer than reading one, short for a person
 
-    A reader thread pulls lines into a bounded queue; a chunk ends when it is full or when no line
-    is waiting, so a file gives full chunks and an interactive pipe gives one line at a time.
-    Errors raised while reading surface after the lines before them were yielded.
+
+def read_ahead(lines: Iterable[str], max_chunk: int, patience: float = PATIENCE) -> Iterator[list[str]]:
+    """Group lines into chunks of at most `max_chunk`, never waiting long for input that is not coming.
+
+    A reader thread pulls lines into a bounded queue; a chunk ends when it is full or when no further
+    line arrives within `patience` seconds, so a file or a fast pipe gives full chunks and an
+    interactive pipe gives one line at a time. Ending a chunk only when the queue is momentarily empty
+    made the chunks of a file depend on thread timing, and with them the batches, the shortlist and
+    int8 scales: outputs changed from run to run. Errors raised while reading surface after the lines
+    before them were yielded.
     """
     q: queue.Queue = queue.Queue(maxsize=2 * max_chunk)
     done = object()
@@ -163,7 +169,7 @@ def read_ahead(lines: Iterable[str], max_chunk: int) -> Iterator[list[str]]:
             if len(chunk) >= max_chunk:
                 break
             try:
-                item = q.get_nowait()
+                item = q.get(timeout=patience)
             except queue.Empty:
                 break
         yield chunk

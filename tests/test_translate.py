@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 import torch
@@ -63,6 +64,19 @@ def test_read_ahead_chunks_and_reports_errors_after_good_lines():
             chunks.append(chunk)
     assert [line for c in chunks for line in c] == ["a", "b", "c", "d", "e"]
     assert all(1 <= len(c) <= 2 for c in chunks)
+
+
+def test_read_ahead_fills_chunks_from_a_steady_source_and_waits_little_for_a_slow_one():
+    def source(pause):
+        for i in range(10):
+            time.sleep(pause)
+            yield str(i)
+
+    # A file or a fast pipe: full chunks whatever the thread timing (the batches, and so a shortlist's or
+    # int8's outputs, must not change from run to run).
+    assert [len(c) for c in read_ahead(source(0.002), 4)] == [4, 4, 2]
+    # A person typing: each line is its own chunk, answered without waiting for the next.
+    assert [len(c) for c in read_ahead(source(0.05), 4, patience=0.01)] == [1] * 10
 
 
 def test_long_input_truncated_with_warning():
