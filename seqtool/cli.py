@@ -112,7 +112,7 @@ def _translator(model: Path, overrides: List[str], flags: dict, quiet: bool, ver
                 attention: bool = False, bundle=None, pieces: bool = False):
     """A Translator for the model at `model` (or the already loaded `bundle`) with decoding flags applied."""
     from seqtool.checkpoint import load_model
-    from seqtool.device import pick_device, quantized
+    from seqtool.device import pick_device, quantized, release_freed_memory
     from seqtool.translate import Translator
 
     bundle = bundle or load_model(model)
@@ -121,6 +121,7 @@ def _translator(model: Path, overrides: List[str], flags: dict, quiet: bool, ver
     net = bundle.model.to(device)
     if decoding.quantize:
         net = quantized(net, device)
+        release_freed_memory()  # the conversion's temporaries
     if verbose:
         m = bundle.config.model
         _err(f"model: {model} ({m.cell}, context {m.context}, vocab {bundle.src_tok.vocab_size}/{bundle.tgt_tok.vocab_size}) "

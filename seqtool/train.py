@@ -18,7 +18,7 @@ from seqtool.checkpoint import (MODEL_FILE, STATE_FILE, STEP_FILE, ModelBundle, 
                                 save_model, save_state, step_models)
 from seqtool.config import Config, TrainingConfig, dump_config
 from seqtool.data import Examples, encode_pairs, epoch_batches, make_batch, read_pairs
-from seqtool.device import FP32_CPU, Precision, pick_device, pick_precision
+from seqtool.device import FP32_CPU, Precision, pick_device, pick_precision, release_freed_memory
 from seqtool.distributed import Ranks, all_reduce, init_from_env, main_does, my_share, rank_device, shutdown
 from seqtool.errors import ConfigError, DataError, SeqtoolError
 from seqtool.metrics import bleu, rouge_mean
@@ -234,6 +234,7 @@ class Trainer:
                   "lr": learning_rate(t, self.progress), "train_loss": round(train_loss, 4),
                   "train_sent_per_s": round(sent_s, 1), "train_tgt_tok_per_s": round(tok_s, 1)}
         if self.valid is not None:
+            release_freed_memory()  # the training steps' free blocks, so the decoder's own need not stack on them
             loss, ppl = validation_loss(model, self.valid, t.batch_tokens)
             n = t.valid_max_sentences or len(self.valid_src)
             # Greedy over the whole vocabulary: the dev score measures the model, not the decoding shortcuts.
@@ -247,6 +248,7 @@ class Trainer:
         else:
             score = train_loss
         model.train()
+        release_freed_memory()
         higher = t.keep_best_by != "loss" and self.valid is not None
         p = self.progress
         improved = math.isfinite(score) and (p.best is None or (score > p.best if higher else score < p.best))
@@ -448,6 +450,7 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
         pairs = train.pairs() if isinstance(train, ShardStream) else zip(train.src, train.tgt)
         bundle.shortlist = build_shortlist(pairs, bundle.src_tok.vocab_size, bundle.tgt_tok.vocab_size)
         reporter.log(f"shortlist table (decoding.shortlist) from up to {MAX_PAIRS:,} pairs in {time.time() - start:.1f} s")
+        release_freed_memory()
     valid, valid_src, valid_ref = None, [], []
     if cfg.data.valid_src:
         valid_src, valid_ref = read_pairs(cfg.data.valid_src, cfg.data.valid_tgt)
