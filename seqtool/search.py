@@ -200,7 +200,8 @@ def coverage_score(coverage: torch.Tensor, mask: torch.Tensor, beta: float) -> f
 def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules: Rules, beam_size: int,
                 alpha: float = 1.0, nbest: int = 1, coverage_penalty: float = 0.0,
                 vocab: Optional[BatchVocab] = None) -> list[list[Hypothesis]]:
-    """Batched beam search: all sentences x beams in one tensor; the encoder runs once per sentence.
+    """Batched beam search: all sentences x beams in one tensor; the encoder runs once per sentence, and its
+    states and attention keys are kept once per sentence for all its beams.
 
     A sentence is done when it has `beam_size` finished hypotheses or reaches its length limit;
     done sentences are dropped from the active tensors.
@@ -209,7 +210,7 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules
     B = src.size(0)
     dev = src.device
     state = model.encode(src, src_lens, None if vocab is None else vocab.ids)
-    state = state.select(torch.arange(B, device=dev).repeat_interleave(K))
+    state = state.grouped(K)
     output = None if vocab is None else vocab.output
     scores = torch.full((B, K), NEG, device=dev)
     scores[:, 0] = 0.0  # all beams start identical: keep one so the first step is not K copies
@@ -222,7 +223,7 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules
     def final_score(row: int, sc: float, length: int) -> float:
         score = sc / length_penalty(length, alpha)
         if coverage is not None:
-            score += coverage_score(coverage[row], state.mask[row], coverage_penalty)
+            score += coverage_score(coverage[row], state.mask[row // K], coverage_penalty)
         return score
 
     for t in range(max(rules.max_len)):

@@ -15,15 +15,16 @@ V = 40
 MODELS = {}
 
 
-def model_for(cell, context, copy=False):
-    if (cell, context, copy) not in MODELS:
+def model_for(cell, context, copy=False, attention="bahdanau"):
+    key = (cell, context, copy, attention)
+    if key not in MODELS:
         torch.manual_seed(len(MODELS) + 1)
         cfg = ModelConfig(cell=cell, context=context, embedding_size=16, encoder_hidden_size=16, hidden_size=32,
-                          dropout=0.0, copy_source=copy)
-        model = MODELS[(cell, context, copy)] = build_model(cfg, V, V).eval()
+                          dropout=0.0, copy_source=copy, attention=attention, input_feeding=attention != "bahdanau")
+        model = MODELS[key] = build_model(cfg, V, V).eval()
         with torch.no_grad():  # sharpen the output layer: clear preferences, fewer near-ties
             model.output.weight.mul_(4)
-    return MODELS[(cell, context, copy)]
+    return MODELS[key]
 
 
 def run(search, srcs, which=("gru", "attention"), **rule_args):
@@ -34,7 +35,8 @@ def run(search, srcs, which=("gru", "attention"), **rule_args):
 
 
 sources = st.lists(st.lists(st.integers(4, V - 1), min_size=1, max_size=12), min_size=1, max_size=6)
-models = st.sampled_from([("gru", "attention"), ("lstm", "init"), ("rnn", "every_step"), ("lstm", "attention", True)])
+models = st.sampled_from([("gru", "attention"), ("lstm", "init"), ("rnn", "every_step"), ("lstm", "attention", True),
+                          ("gru", "attention", False, "luong_general")])
 
 
 @settings(max_examples=40, deadline=None)

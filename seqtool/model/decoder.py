@@ -11,7 +11,7 @@ Modes without a step-to-step dependency outside the RNN run over the whole targe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -23,25 +23,48 @@ from seqtool.model.encoder import EncoderOutput, make_rnn
 
 @dataclass
 class DecoderState:
-    """Everything one decoder step needs; batch is dim 1 of hidden/cell and dim 0 of the rest."""
+    """Everything one decoder step needs. Rows (hypotheses) are dim 1 of hidden/cell and dim 0 of feed; the
+    source side is kept once per sentence, dim 0, and serves `group` consecutive rows (beam search's K)."""
 
-    hidden: torch.Tensor  # (L, B, H)
-    cell: Optional[torch.Tensor]  # (L, B, H) for LSTM
-    feed: Optional[torch.Tensor]  # (B, O) previous attentional vector (input feeding)
+    hidden: torch.Tensor  # (L, B * group, H)
+    cell: Optional[torch.Tensor]  # (L, B * group, H) for LSTM
+    feed: Optional[torch.Tensor]  # (B * group, O) previous attentional vector (input feeding)
     context: torch.Tensor  # (B, K) fixed context (every_step), unused with attention
     states: torch.Tensor  # (B, S, K) encoder states
     keys: Optional[torch.Tensor]  # (B, S, *) attention keys, projected once
     mask: torch.Tensor  # (B, S)
     src: Optional[torch.Tensor] = None  # (B, S) source ids, kept for copying
+    group: int = 1  # rows per sentence
+
+    def grouped(self, group: int) -> "DecoderState":
+        """Each sentence's row repeated `group` times; the source side is not copied (beams share it)."""
+        assert self.group == 1
+        index = torch.arange(self.hidden.size(1), device=self.hidden.device).repeat_interleave(group)
+        return replace(self._rows(index), group=group)
 
     def select(self, index: torch.Tensor) -> "DecoderState":
-        """Keep / reorder / repeat batch rows (used by beam search)."""
+        """Keep / reorder rows (greedy drops finished sentences, beam search reorders hypotheses): `group`
+        consecutive entries of `index` per kept sentence, all rows of that one sentence."""
+        state = self._rows(index)
+        sents = index[:: self.group] // self.group if self.group > 1 else index
         changes = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
+        for name in ("context", "states", "keys", "mask", "src"):
+            value = getattr(state, name)
             if value is not None:
-                changes[f.name] = value.index_select(1 if f.name in ("hidden", "cell") else 0, index)
+                changes[name] = value.index_select(0, sents)
+        return replace(state, **changes)
+
+    def _rows(self, index: torch.Tensor) -> "DecoderState":
+        changes = {}
+        for name, dim in (("hidden", 1), ("cell", 1), ("feed", 0)):
+            value = getattr(self, name)
+            if value is not None:
+                changes[name] = value.index_select(dim, index)
         return replace(self, **changes)
+
+    def per_row(self, value: torch.Tensor) -> torch.Tensor:
+        """A source-side tensor (B, ...) repeated for the rows (B * group, ...)."""
+        return value if self.group == 1 else value.repeat_interleave(self.group, dim=0)
 
 
 class Decoder(nn.Module):
@@ -94,17 +117,25 @@ class Decoder(nn.Module):
         hidden, cell = h if isinstance(h, tuple) else (h, None)
         return out, replace(state, hidden=hidden, cell=cell)
 
+    def _attend(self, query: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention for one step's rows, query (B * group, Q): a sentence's rows are its "time" axis, so its
+        encoder states serve them all without copies -> (context (B * group, K), weights (B * group, S))."""
+        if state.group == 1:
+            return self.attention(query, state.keys, state.states, state.mask)
+        ctx, weights = self.attention(query.view(-1, state.group, query.size(-1)), state.keys, state.states, state.mask)
+        return ctx.flatten(0, 1), weights.flatten(0, 1)
+
     def _features(self, emb: torch.Tensor, s: torch.Tensor, state: DecoderState,
                   attn_ctx: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Decoder outputs s (B, [T,] H) -> output features (B, [T,] O) and attention weights."""
         weights = None
         if self.luong:
-            ctx, weights = self.attention(s, state.keys, state.states, state.mask)
+            ctx, weights = self._attend(s, state) if s.dim() == 2 else self.attention(s, state.keys, state.states, state.mask)
             feats = [ctx, s]
         elif self.bahdanau:
             feats = [s, attn_ctx, emb]
         elif self.mode == "every_step":
-            ctx = state.context if s.dim() == 2 else state.context.unsqueeze(1).expand(-1, s.size(1), -1)
+            ctx = state.per_row(state.context) if s.dim() == 2 else state.context.unsqueeze(1).expand(-1, s.size(1), -1)
             feats = [s, ctx, emb]
         else:
             feats = [s, emb]
@@ -113,7 +144,7 @@ class Decoder(nn.Module):
     def _bahdanau_rnn_step(self, emb: torch.Tensor, state: DecoderState
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DecoderState]:
         """Attend with the previous state, then one RNN step: emb (B, E) -> (out (B, 1, H), context, weights, state)."""
-        attn_ctx, weights = self.attention(state.hidden[-1], state.keys, state.states, state.mask)
+        attn_ctx, weights = self._attend(state.hidden[-1], state)
         out, state = self._run_rnn(torch.cat([emb, attn_ctx], dim=-1).unsqueeze(1), state)
         return out, attn_ctx, weights, state
 
@@ -126,7 +157,7 @@ class Decoder(nn.Module):
             return self.dropout(feats), state, weights
         inputs, weights = [emb], None
         if self.mode == "every_step":
-            inputs.append(state.context)
+            inputs.append(state.per_row(state.context))
         if self.input_feeding:
             inputs.append(state.feed)
         out, state = self._run_rnn(torch.cat(inputs, dim=-1).unsqueeze(1), state)

@@ -78,7 +78,7 @@ class Seq2Seq(nn.Module):
         output = self.output if output is None else output
         if self.copy_gate is None:
             return torch.log_softmax(output(feats), dim=-1), state, weights
-        return self._copy_log_probs(feats, weights, state.src, output), state, weights
+        return self._copy_log_probs(feats, weights, state.per_row(state.src), output), state, weights
 
     def _copy_log_probs(self, feats: torch.Tensor, weights: torch.Tensor, src: torch.Tensor,
                         output: Optional[nn.Module] = None) -> torch.Tensor:
