@@ -118,8 +118,8 @@ class Decoder(nn.Module):
         return out, replace(state, hidden=hidden, cell=cell)
 
     def _attend(self, query: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention for one step's rows, query (B * group, Q): a sentence's rows are its "time" axis, so its
-        encoder states serve them all without copies -> (context (B * group, K), weights (B * group, S))."""
+        """Attention for query rows (B * group, Q), or all steps (B, T, Q) when group is 1: a sentence's rows are
+        its "time" axis, so its encoder states serve them all without copies -> context and weights, per row."""
         if state.group == 1:
             return self.attention(query, state.keys, state.states, state.mask)
         ctx, weights = self.attention(query.view(-1, state.group, query.size(-1)), state.keys, state.states, state.mask)
@@ -130,7 +130,7 @@ class Decoder(nn.Module):
         """Decoder outputs s (B, [T,] H) -> output features (B, [T,] O) and attention weights."""
         weights = None
         if self.luong:
-            ctx, weights = self._attend(s, state) if s.dim() == 2 else self.attention(s, state.keys, state.states, state.mask)
+            ctx, weights = self._attend(s, state)
             feats = [ctx, s]
         elif self.bahdanau:
             feats = [s, attn_ctx, emb]
