@@ -52,7 +52,7 @@ class ModelConfig(Section):
     hidden_size: int = Field(512, gt=0, le=65536)
     decoder_layers: int = Field(1, gt=0, le=16)
     context: Literal["init", "every_step", "attention"] = "attention"
-    attention: Literal["bahdanau", "luong_dot", "luong_general"] = "bahdanau"
+    attention: Literal["bahdanau", "luong_dot", "luong_general", "luong_concat"] = "bahdanau"
     input_feeding: bool = False
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     tie_embeddings: bool = False

@@ -11,7 +11,8 @@ from seqtool.errors import ConfigError
 from seqtool.model.seq2seq import build_model
 
 MODES = [("init", "bahdanau", False), ("every_step", "bahdanau", False), ("attention", "bahdanau", False),
-         ("attention", "luong_dot", False), ("attention", "luong_general", False), ("attention", "luong_general", True)]
+         ("attention", "luong_dot", False), ("attention", "luong_general", False), ("attention", "luong_general", True),
+         ("attention", "luong_concat", True)]
 CASES = list(itertools.product(["gru", "lstm", "rnn"], MODES))
 
 

@@ -88,7 +88,7 @@ class Decoder(nn.Module):
         rnn_in = emb + (enc_size if context != "init" and not self.luong else 0) + (output_size if self.input_feeding else 0)
         self.rnn = make_rnn(cell, rnn_in, hidden_size, layers, dropout)
         if context == "attention":
-            kind = {"bahdanau": "additive", "luong_dot": "dot", "luong_general": "general"}[attention]
+            kind = {"bahdanau": "additive", "luong_concat": "additive", "luong_dot": "dot", "luong_general": "general"}[attention]
             self.attention = Attention(kind, hidden_size, enc_size)
         if self.luong:
             out_in = hidden_size + enc_size  # attentional vector tanh(W [c_t; s_t])

@@ -100,7 +100,7 @@ def check_model_config(cfg: ModelConfig) -> None:
             f"size ({enc_size} = encoder_hidden_size x directions); use luong_general or bahdanau"
         )
     if cfg.input_feeding and not (cfg.context == "attention" and cfg.attention != "bahdanau"):
-        raise ConfigError("model.input_feeding applies to luong_dot / luong_general attention only")
+        raise ConfigError("model.input_feeding applies to luong_* attention only")
     if cfg.copy_source and cfg.context != "attention":
         raise ConfigError("model.copy_source copies by attention: it needs model.context attention")
 
