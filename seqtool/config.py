@@ -56,6 +56,8 @@ class ModelConfig(Section):
     input_feeding: bool = False
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     tie_embeddings: bool = False
+    init_scale: float = Field(0.0, ge=0.0, le=1.0, description="every weight starts uniform in (-s, s), as in "
+                              "OpenNMT-py (0.1 there); 0 keeps torch's per-layer defaults")
     copy_source: bool = Field(False, description="pointer-generator: mix generating a token with copying a source token "
                        "by attention (context attention and a joint tokenizer)")
 

@@ -9,6 +9,7 @@ from seqtool.config import ModelConfig
 from seqtool.data import make_batch
 from seqtool.errors import ConfigError
 from seqtool.model.seq2seq import build_model
+from seqtool.tokenizer import PAD
 
 MODES = [("init", "bahdanau", False), ("every_step", "bahdanau", False), ("attention", "bahdanau", False),
          ("attention", "luong_dot", False), ("attention", "luong_general", False), ("attention", "luong_general", True),
@@ -58,6 +59,18 @@ def test_gradients_reach_every_parameter():
 def test_tied_embeddings_share_one_tensor():
     model = tiny("gru", "attention", "bahdanau", False, tie_embeddings=True)
     assert model.output.weight is model.decoder.embed.weight
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_init_scale_draws_every_weight_from_one_range(tie):
+    default = tiny("lstm", "attention", "luong_concat", True, tie_embeddings=tie)
+    model = tiny("lstm", "attention", "luong_concat", True, tie_embeddings=tie, init_scale=0.05)
+    for (name, p), (_, q) in zip(model.named_parameters(), default.named_parameters()):
+        assert p.abs().max() <= 0.05, name
+        assert p.abs().max() > 0.04 and not torch.equal(p, q), name  # spread over the range, all redrawn
+    for embed in (model.encoder.embed, model.decoder.embed):
+        assert embed.weight[PAD].abs().sum() == 0 and embed.weight[PAD + 1:].abs().min() > 0
+    assert default.encoder.embed.weight.std() > 0.5  # torch's N(0, 1) without init_scale
 
 
 def test_invalid_combinations_are_config_errors():
