@@ -122,15 +122,26 @@ def build_shortlist(pairs: Iterable[tuple[Sequence[int], Sequence[int]]], src_vo
     return Shortlist(table, frequent)
 
 
-def restrict_output(layer: nn.Module, ids: torch.Tensor) -> nn.Module:
-    """The output layer cut to the rows of `ids`: a plain linear layer, or an int8 one for an int8 layer."""
-    quantized = isinstance(layer, torch.ao.nn.quantized.dynamic.Linear)
-    weight, bias = (layer.weight(), layer.bias()) if quantized else (layer.weight, layer.bias)
-    rows = weight.index_select(0, ids)  # int8 rows are dequantized after selection, not the whole layer
-    small = nn.utils.skip_init(nn.Linear, weight.size(1), len(ids), device=bias.device)
-    with torch.no_grad():
-        small.weight.copy_(rows.dequantize() if quantized else rows)
-        small.bias.copy_(bias.index_select(0, ids))
-    if quantized:
-        return int8_dynamic(small)
-    return small
+@dataclass
+class OutputRows:
+    """The output layer's weight and bias as tensors, taken once per model: an int8 layer keeps its weight
+    packed, and unpacking all of it for every batch cost 18 ms (4% of fast beam-5 decoding)."""
+
+    weight: torch.Tensor  # (V, O) float, or qint8 for an int8 layer
+    bias: torch.Tensor  # (V,)
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> "OutputRows":
+        if isinstance(layer, torch.ao.nn.quantized.dynamic.Linear):
+            return cls(layer.weight(), layer.bias())
+        return cls(layer.weight.detach(), layer.bias.detach())
+
+    @torch.no_grad()
+    def restricted(self, ids: torch.Tensor) -> nn.Module:
+        """The output layer cut to the rows of `ids`: a plain linear layer, or an int8 one for an int8 layer."""
+        rows = self.weight.index_select(0, ids)  # int8 rows are dequantized after selection, not the whole layer
+        small = nn.utils.skip_init(nn.Linear, rows.size(1), len(ids), device=self.bias.device)
+        small.weight.copy_(rows.dequantize() if rows.is_quantized else rows)
+        small.bias.copy_(self.bias.index_select(0, ids))
+        # quantize_dynamic converts a module's children, never the module itself, hence the container.
+        return int8_dynamic(nn.Sequential(small))[0] if rows.is_quantized else small

@@ -20,7 +20,7 @@ from seqtool.data import make_batch
 from seqtool.errors import SeqtoolError
 from seqtool.model.seq2seq import Seq2Seq
 from seqtool.search import Hypothesis, Rules, argmax, beam_search, greedy, make_rules, sampler
-from seqtool.shortlist import BatchVocab, Shortlist, restrict_output
+from seqtool.shortlist import BatchVocab, OutputRows, Shortlist
 from seqtool.tokenizer import Tokenizer
 
 
@@ -55,6 +55,7 @@ class Translator:
     with_attention: bool = False  # fill Translation.attention (attention models only)
     with_pieces: bool = False  # fill Translation.src_pieces / pieces (JSON output); off in plain text, the hot path
     shortlist: Optional[Shortlist] = None  # the model file's table, used when decoding.shortlist is set
+    _output_rows: Optional[OutputRows] = field(default=None, init=False)  # the output layer, taken on first use
 
     def __post_init__(self) -> None:
         if self.with_attention and self.model.decoder.mode != "attention":
@@ -95,7 +96,9 @@ class Translator:
         d = self.decoding
         target_ids = self.shortlist.ids(ids, d.shortlist, d.shortlist_frequent, self.src_tok is self.tgt_tok,
                                         forced).to(self.model.device)
-        return BatchVocab(target_ids, restrict_output(self.model.output, target_ids))
+        if self._output_rows is None:
+            self._output_rows = OutputRows.of(self.model.output)
+        return BatchVocab(target_ids, self._output_rows.restricted(target_ids))
 
     def translate(self, lines: list[str], first_lineno: int = 1) -> list[Translation]:
         """Translate lines in any order of length; the result has one entry per line, in order."""
