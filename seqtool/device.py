@@ -104,12 +104,15 @@ def quantized(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 def int8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
     """torch's dynamic int8 quantization of the linear and GRU/LSTM layers (Elman RNNs have no int8 kernel),
-    without the deprecation warnings it prints on every call: they are torch's plans, not the user's concern."""
+    without the deprecation warnings it prints on every call: they are torch's plans, not the user's concern.
+    A linear layer with one output (attention's v, the copy gate) stays fp32: quantizing its large input at
+    every call costs more than the int8 product saves (1.2 against 0.3 ms per beam-5 attention step)."""
+    spec = {name: torch.ao.quantization.default_dynamic_qconfig for name, m in model.named_modules()
+            if isinstance(m, (torch.nn.GRU, torch.nn.LSTM)) or (isinstance(m, torch.nn.Linear) and m.out_features > 1)}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear, torch.nn.GRU, torch.nn.LSTM},
-                                                      dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
 
 
 def release_freed_memory() -> None:

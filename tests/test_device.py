@@ -77,3 +77,16 @@ def test_quantize_is_refused_off_the_cpu():
 
     with pytest.raises(ConfigError, match="int8 inference on the CPU"):
         quantized(torch.nn.Linear(2, 2), torch.device("cuda"))
+
+
+def test_int8_covers_the_recurrent_and_linear_layers_but_not_single_output_ones():
+    from seqtool.config import ModelConfig
+    from seqtool.device import int8_dynamic
+    from seqtool.model.seq2seq import build_model
+
+    dynamic = torch.ao.nn.quantized.dynamic
+    q = int8_dynamic(build_model(ModelConfig(embedding_size=8, encoder_hidden_size=8, hidden_size=16, copy_source=True), 20, 20))
+    for layer in (q.encoder.rnn, q.decoder.rnn, q.decoder.bridge, q.decoder.attention.query_proj, q.output):
+        assert isinstance(layer, (dynamic.Linear, dynamic.GRU)), layer
+    for layer in (q.decoder.attention.v, q.copy_gate):  # a dot product: quantizing its input would cost more
+        assert type(layer) is torch.nn.Linear, layer

@@ -39,8 +39,9 @@ class Attention(nn.Module):
         q = query.unsqueeze(1) if one_step else query  # (B, T, Q)
         if self.kind == "additive":
             # v.tanh(x) = 2 v.sigmoid(2x) - sum(v), and softmax ignores the constant: sigmoid is 3x faster
-            # than tanh on the CPU, and this (B, T, S, Q) tensor is the largest one of a decoder step.
-            hidden = torch.sigmoid(2.0 * self.query_proj(q).unsqueeze(2) + keys.unsqueeze(1))
+            # than tanh on the CPU, and this (B, T, S, Q) tensor is the largest one of a decoder step: one
+            # temporary, sigmoid in place (backward needs only its output).
+            hidden = torch.add(keys.unsqueeze(1), self.query_proj(q).unsqueeze(2), alpha=2.0).sigmoid_()
             scores = 2.0 * self.v(hidden).squeeze(-1)
         else:
             scores = torch.bmm(q, keys.transpose(1, 2))  # (B, T, S)
