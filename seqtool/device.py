@@ -107,12 +107,14 @@ def int8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
     without the deprecation warnings it prints on every call: they are torch's plans, not the user's concern.
     A linear layer with one output (attention's v, the copy gate) stays fp32: quantizing its large input at
     every call costs more than the int8 product saves (1.2 against 0.3 ms per beam-5 attention step)."""
-    spec = {name: torch.ao.quantization.default_dynamic_qconfig for name, m in model.named_modules()
+    # quantize_dynamic converts a module's children, never the module itself: a bare layer would stay fp32.
+    box = torch.nn.Sequential(model)
+    spec = {name: torch.ao.quantization.default_dynamic_qconfig for name, m in box.named_modules()
             if isinstance(m, (torch.nn.GRU, torch.nn.LSTM)) or (isinstance(m, torch.nn.Linear) and m.out_features > 1)}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
-        return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(box, spec, dtype=torch.qint8)[0]
 
 
 def release_freed_memory() -> None:

@@ -143,5 +143,4 @@ class OutputRows:
         small = nn.utils.skip_init(nn.Linear, rows.size(1), len(ids), device=self.bias.device)
         small.weight.copy_(rows.dequantize() if rows.is_quantized else rows)
         small.bias.copy_(self.bias.index_select(0, ids))
-        # quantize_dynamic converts a module's children, never the module itself, hence the container.
-        return int8_dynamic(nn.Sequential(small))[0] if rows.is_quantized else small
+        return int8_dynamic(small) if rows.is_quantized else small

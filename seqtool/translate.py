@@ -55,7 +55,7 @@ class Translator:
     with_attention: bool = False  # fill Translation.attention (attention models only)
     with_pieces: bool = False  # fill Translation.src_pieces / pieces (JSON output); off in plain text, the hot path
     shortlist: Optional[Shortlist] = None  # the model file's table, used when decoding.shortlist is set
-    _output_rows: Optional[OutputRows] = field(default=None, init=False)  # the output layer, taken on first use
+    _output_rows: Optional[OutputRows] = field(default=None, init=False)  # the output layer, for shortlists
 
     def __post_init__(self) -> None:
         if self.with_attention and self.model.decoder.mode != "attention":
@@ -63,6 +63,8 @@ class Translator:
         if self.decoding.shortlist and self.shortlist is None:
             raise SeqtoolError("decoding.shortlist: this model file has no shortlist table (trained by an older seqtool); "
                                "decode without --shortlist, or train it again")
+        if self.decoding.shortlist:
+            self._output_rows = OutputRows.of(self.model.output)
 
     def rules(self, ids: list[list[int]]) -> Rules:
         d = self.decoding
@@ -92,12 +94,10 @@ class Translator:
 
     def batch_vocab(self, ids: list[list[int]], forced: torch.Tensor) -> BatchVocab:
         """The shortlist of a batch of sources, and the output layer cut to it."""
-        assert self.shortlist is not None
+        assert self.shortlist is not None and self._output_rows is not None
         d = self.decoding
         target_ids = self.shortlist.ids(ids, d.shortlist, d.shortlist_frequent, self.src_tok is self.tgt_tok,
                                         forced).to(self.model.device)
-        if self._output_rows is None:
-            self._output_rows = OutputRows.of(self.model.output)
         return BatchVocab(target_ids, self._output_rows.restricted(target_ids))
 
     def translate(self, lines: list[str], first_lineno: int = 1) -> list[Translation]:

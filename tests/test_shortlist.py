@@ -45,7 +45,7 @@ def test_restricted_output_layer_gives_the_same_scores_in_fp32_and_close_ones_in
     small = OutputRows.of(layer).restricted(ids)
     assert type(small) is torch.nn.Linear
     torch.testing.assert_close(small(x), layer(x)[:, ids])
-    q = int8_dynamic(torch.nn.Sequential(layer))[0]
+    q = int8_dynamic(layer)
     small_q = OutputRows.of(q).restricted(ids)
     assert isinstance(small_q, torch.ao.nn.quantized.dynamic.Linear)  # int8 stays int8, not float
     torch.testing.assert_close(small_q(x), layer(x)[:, ids], atol=0.05, rtol=0.05)
