@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import islice
-from typing import Iterable, Optional, Sequence
+from functools import partial
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from seqtool.config import SHORTLIST_TABLE
-from seqtool.device import int8_dynamic
 from seqtool.tokenizer import EOS
 
 MAX_PAIRS = 1_000_000  # pairs counted: enough for stable associations, bounded time on huge corpora
@@ -70,7 +71,7 @@ class BatchVocab:
     The search works in positions of `ids` and maps its outputs back to target ids."""
 
     ids: torch.Tensor  # (n,) sorted target ids
-    output: nn.Module
+    output: Callable[[torch.Tensor], torch.Tensor]
 
 
 def _unique_counts(keys: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,10 +138,13 @@ class OutputRows:
         return cls(layer.weight.detach(), layer.bias.detach())
 
     @torch.no_grad()
-    def restricted(self, ids: torch.Tensor) -> nn.Module:
-        """The output layer cut to the rows of `ids`: a plain linear layer, or an int8 one for an int8 layer."""
-        rows = self.weight.index_select(0, ids)  # int8 rows are dequantized after selection, not the whole layer
-        small = nn.utils.skip_init(nn.Linear, rows.size(1), len(ids), device=self.bias.device)
-        small.weight.copy_(rows.dequantize() if rows.is_quantized else rows)
-        small.bias.copy_(self.bias.index_select(0, ids))
-        return int8_dynamic(small) if rows.is_quantized else small
+    def restricted(self, ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The output layer cut to the rows of `ids`; an int8 layer's rows stay the same int8 values.
+        No module is built from scratch: torch's uninitialised-module helper (skip_init) imports sympy,
+        0.4 s of every decoding command's start."""
+        rows, bias = self.weight.index_select(0, ids), self.bias.index_select(0, ids)
+        if not rows.is_quantized:
+            return partial(F.linear, weight=rows, bias=bias)
+        small = torch.ao.nn.quantized.dynamic.Linear(rows.size(1), len(ids))
+        small.set_weight_bias(rows, bias)
+        return small
