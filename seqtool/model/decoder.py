@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from seqtool.model.attention import Attention
+from seqtool.model.dropout import Dropout
 from seqtool.model.encoder import EncoderOutput, make_rnn
 
 
@@ -99,7 +100,7 @@ class Decoder(nn.Module):
         self.pre_output = nn.Linear(out_in, output_size)
         # On the embeddings and the output features only (as OpenNMT-py): dropping the RNN outputs as well
         # learned slower at equal time on Multi30k (docs/performance.md).
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def init_state(self, enc: EncoderOutput) -> DecoderState:
         B = enc.final.size(0)
@@ -180,8 +181,8 @@ class Decoder(nn.Module):
         if self.bahdanau:
             # Only attention and the RNN recur; the output features of all steps are one matrix product after.
             outs, contexts, weights = [], [], []
-            for t in range(tgt_in.size(1)):
-                out, attn_ctx, w, state = self._bahdanau_rnn_step(emb[:, t], state)
+            for emb_t in emb.unbind(1):  # not emb[:, t]: each slice's backward would zero a whole (B, T, E) gradient
+                out, attn_ctx, w, state = self._bahdanau_rnn_step(emb_t, state)
                 outs.append(out)
                 contexts.append(attn_ctx)
                 weights.append(w)
