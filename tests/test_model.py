@@ -8,6 +8,7 @@ import torch
 from seqtool.config import ModelConfig
 from seqtool.data import make_batch
 from seqtool.errors import ConfigError
+from seqtool.model.dropout import Dropout
 from seqtool.model.seq2seq import build_model
 from seqtool.tokenizer import PAD
 
@@ -159,3 +160,15 @@ def test_copy_learns_to_copy_tokens_it_never_saw_as_targets():
 def test_copy_without_attention_is_a_config_error():
     with pytest.raises(ConfigError, match="copy_source"):
         build_model(ModelConfig(context="every_step", copy_source=True), 10, 10)
+
+
+def test_dropout_zeroes_a_fraction_p_scales_the_rest_and_passes_through_in_eval():
+    torch.manual_seed(0)
+    drop, x = Dropout(0.3), (torch.rand(400, 500) + 0.5).requires_grad_(True)  # no zeros of its own
+    y = drop(x)
+    kept = y != 0
+    assert abs(1.0 - kept.float().mean().item() - 0.3) < 0.01
+    torch.testing.assert_close(y[kept], x[kept] / 0.7)
+    y.sum().backward()  # the gradient flows through the kept values only, with the same scale
+    torch.testing.assert_close(x.grad, kept.float() / 0.7)
+    assert drop.eval()(x) is x and Dropout(0.0)(x) is x

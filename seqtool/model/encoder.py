@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from seqtool.model.dropout import Dropout
 from seqtool.tokenizer import PAD
 
 RNN_CELLS = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
@@ -35,7 +36,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, embedding_size, padding_idx=PAD)
         self.rnn = make_rnn(cell, embedding_size, hidden_size, layers, dropout, bidirectional)
-        self.dropout = nn.Dropout(dropout)  # on the embeddings; not on the states, which the attention reads
+        self.dropout = Dropout(dropout)  # on the embeddings; not on the states, which the attention reads
         self.directions = 2 if bidirectional else 1
         self.output_size = hidden_size * self.directions
 
