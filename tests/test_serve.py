@@ -22,10 +22,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(trained_model):
-    """The server on a free port, waiting up to 300 ms per batch so that concurrent requests share one."""
+    """The server on a free port, waiting up to 300 ms per batch so that concurrent requests share one. Without
+    the model's shortlist: a shortlist is the union over a batch's sentences, so a line's translation may
+    depend on the lines it shares a batch with, and the tests compare batched requests with lone ones."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "seqtool", "serve", "-m", str(trained_model), "--port", str(port),
-                             "--batch-wait-ms", "300", "--max-lines", "50", "--beam", "5"],
+                             "--batch-wait-ms", "300", "--max-lines", "50", "--beam", "5", "--shortlist", "0"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
@@ -47,7 +49,7 @@ def test_translations_match_the_cli(server, trained_model):
     r = httpx.post(url + "/translate", json={"lines": lines}, timeout=60)
     assert r.status_code == 200
     got = [t["text"] for t in r.json()["translations"]]
-    cli = run_cli("translate", "-m", str(trained_model), "--beam", "5", input="\n".join(lines) + "\n", check=True)
+    cli = run_cli("translate", "-m", str(trained_model), "--beam", "5", "--shortlist", "0", input="\n".join(lines) + "\n", check=True)
     assert got == cli.stdout.split("\n")[:-1] and got[1] == got[3] == ""
 
 
