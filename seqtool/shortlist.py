@@ -10,8 +10,8 @@ target tokens, the special tokens, and any token a rule forces.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import islice
 from functools import partial
+from itertools import islice
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -140,7 +140,7 @@ class OutputRows:
     @torch.no_grad()
     def restricted(self, ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """The output layer cut to the rows of `ids`; an int8 layer's rows stay the same int8 values.
-        No module is built from scratch: torch's uninitialised-module helper (skip_init) imports sympy,
+        Not through torch's uninitialised-module helper (skip_init): its meta-device path imports sympy,
         0.4 s of every decoding command's start."""
         rows, bias = self.weight.index_select(0, ids), self.bias.index_select(0, ids)
         if not rows.is_quantized:
