@@ -5,7 +5,7 @@ bench/compare_peers.py run), makes the trainer's own token-budget batches from t
 pairs, counts the floating-point operations of a training step (forward and backward, by torch's
 FlopCounterMode: matrix products only, the rest is memory-bound) and times full steps (loss,
 backward, clipping, Adam) on those batches. On the same machine, in the same run, it times fp32
-matrix products: a large square one (the machine's peak) and the shapes of one decoder step. Prints
+matrix products: a large square one (the machine's peak) and the shape of one decoder step. Prints
 FLOPs per sentence (and the output layer's share), the GFLOP/s reached, its fraction of the peak
 and the sentences/s the peak would allow.
 
@@ -82,10 +82,11 @@ def main() -> None:
         step(batch)
     seconds = time.perf_counter() - start
 
-    hidden, emb = cfg.model.hidden_size, cfg.model.embedding_size
-    rows = round(sents / len(batches))
+    # One decoder step's product, input and state together: rows = sentences per batch, n = the gates.
+    rnn = model.decoder.rnn
+    rows, k, n = round(sents / len(batches)), rnn.input_size + rnn.hidden_size, rnn.weight_ih_l0.size(0)
     peak = gemm_gflops(2048, 2048, 2048)
-    step_shape = gemm_gflops(rows, hidden + emb + 2 * cfg.model.encoder_hidden_size, 3 * hidden)
+    step_shape = gemm_gflops(rows, k, n)
     reached = total / seconds / 1e9
     print(f"{len(batches)} batches of the trainer's own making: {sents} sentences, {tokens} target tokens, "
           f"{torch.get_num_threads()} threads\n")
@@ -93,8 +94,7 @@ def main() -> None:
     print("|---|---:|")
     print(f"| training FLOPs per sentence (fwd + bwd) | {total / sents / 1e9:.3f} G, output layer {output / total:.0%} |")
     print(f"| fp32 GEMM 2048^3 (peak) | {peak:.0f} GFLOP/s |")
-    print(f"| fp32 GEMM of a decoder-step shape ({rows} x {hidden + emb + 2 * cfg.model.encoder_hidden_size} x "
-          f"{3 * hidden}) | {step_shape:.0f} GFLOP/s |")
+    print(f"| fp32 GEMM of a decoder-step shape ({rows} x {k} x {n}) | {step_shape:.0f} GFLOP/s |")
     print(f"| training steps (loss, backward, clipping, Adam) | {sents / seconds:.1f} sent/s, "
           f"{tokens / seconds:.0f} tgt tok/s |")
     print(f"| GFLOP/s reached in training | {reached:.0f} ({reached / peak:.0%} of the peak) |")
