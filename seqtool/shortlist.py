@@ -12,13 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from seqtool.config import SHORTLIST_TABLE
+from seqtool.model.seq2seq import OutputLayer
 from seqtool.tokenizer import EOS
 
 MAX_PAIRS = 1_000_000  # pairs counted: enough for stable associations, bounded time on huge corpora
@@ -71,7 +72,7 @@ class BatchVocab:
     The search works in positions of `ids` and maps its outputs back to target ids."""
 
     ids: torch.Tensor  # (n,) sorted target ids
-    output: Callable[[torch.Tensor], torch.Tensor]
+    output: OutputLayer
 
 
 def _unique_counts(keys: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +139,7 @@ class OutputRows:
         return cls(layer.weight.detach(), layer.bias.detach())
 
     @torch.no_grad()
-    def restricted(self, ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def restricted(self, ids: torch.Tensor) -> OutputLayer:
         """The output layer cut to the rows of `ids`; an int8 layer's rows stay the same int8 values.
         Not through torch's uninitialised-module helper (skip_init): its meta-device path imports sympy,
         0.4 s of every decoding command's start."""

@@ -16,6 +16,8 @@ from seqtool.model.encoder import Encoder
 from seqtool.model.loss import linear_cross_entropy
 from seqtool.tokenizer import PAD
 
+OutputLayer = Callable[[torch.Tensor], torch.Tensor]  # the output layer, or a shortlist's cut of it: features -> scores
+
 
 class Seq2Seq(nn.Module):
     def __init__(self, cfg: ModelConfig, src_vocab: int, tgt_vocab: int):
@@ -80,7 +82,7 @@ class Seq2Seq(nn.Module):
         return F.cross_entropy(scores.float().flatten(0, 1), tgt_out.flatten(), ignore_index=PAD,
                                label_smoothing=label_smoothing, reduction="sum")
 
-    def step(self, prev: torch.Tensor, state: DecoderState, output: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    def step(self, prev: torch.Tensor, state: DecoderState, output: Optional[OutputLayer] = None
              ) -> tuple[torch.Tensor, DecoderState, Optional[torch.Tensor]]:
         """One decoding step: previous tokens (B,) -> (log-probabilities (B, V), state, attention weights);
         `output` replaces the output layer (a shortlist's, V = its size)."""
@@ -91,7 +93,7 @@ class Seq2Seq(nn.Module):
         return self._copy_log_probs(feats, weights, state.per_row(state.src), output), state, weights
 
     def _copy_log_probs(self, feats: torch.Tensor, weights: torch.Tensor, src: torch.Tensor,
-                        output: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+                        output: Optional[OutputLayer] = None) -> torch.Tensor:
         """Pointer-generator (See et al., 2017): p = g * softmax(output) + (1 - g) * attention summed per
         source id, with the gate g = sigmoid(w . features); features (B, [T,] O), weights (B, [T,] S)."""
         gate = torch.sigmoid(self.copy_gate(feats).float())
