@@ -24,6 +24,7 @@ NEG = float("-inf")
 class Hypothesis:
     tokens: list[int]
     score: float  # log-probability / length penalty (+ coverage penalty)
+    complete: bool = True  # False: the rules allowed no further token before EOS; the best unfinished one
 
 
 def length_penalty(length: int, alpha: float) -> float:
@@ -37,7 +38,7 @@ class Rules:
 
     min_len: torch.Tensor  # (B,) EOS is banned until this many tokens were produced
     max_len: list[int]  # most steps per sentence (output tokens, or output tokens + EOS)
-    banned: torch.Tensor  # (V,) bool: never produced (PAD, BOS, UNK)
+    banned: torch.Tensor  # (V,) bool: never produced (PAD, BOS, UNK, pieces that would break a line)
     forced: Optional[torch.Tensor] = None  # (B, T) token forced at step t, -1 where free
     free_banned: Optional[torch.Tensor] = None  # (V,) bool: banned wherever no token is forced
     no_repeat_ngram: int = 0
@@ -90,15 +91,16 @@ class Rules:
 
 def make_rules(src_lens: Sequence[int], vocab_size: int, max_len_a: float, max_len_b: int, min_len: int = 1,
                max_len: int = 0, forced: Optional[list[list[int]]] = None,
-               free_banned: Optional[list[int]] = None, no_repeat_ngram: int = 0) -> Rules:
+               free_banned: Optional[list[int]] = None, no_repeat_ngram: int = 0, banned: Sequence[int] = ()) -> Rules:
     """Rules for a batch. With `forced` (one list per sentence, -1 = free), each output has exactly
-    that list's length: EOS is banned before it and forced right after it."""
+    that list's length: EOS is banned before it and forced right after it. `banned` tokens are never
+    produced, besides PAD, BOS and UNK (the target tokenizer's `unsafe_ids`: no line break in a line)."""
     limits = [max(1, int(max_len_a * n + max_len_b)) for n in src_lens]  # steps; an output ending there has no EOS
     if max_len:
         limits = [min(x, max_len) for x in limits]
     mins = [min(min_len, x) for x in limits]
-    banned = torch.zeros(vocab_size, dtype=torch.bool)
-    banned[[PAD, BOS, UNK]] = True
+    never = torch.zeros(vocab_size, dtype=torch.bool)
+    never[[PAD, BOS, UNK, *banned]] = True
     forced_t = free_t = None
     if forced is not None:
         width = max(len(f) for f in forced) + 1
@@ -110,7 +112,7 @@ def make_rules(src_lens: Sequence[int], vocab_size: int, max_len_a: float, max_l
     if free_banned:
         free_t = torch.zeros(vocab_size, dtype=torch.bool)
         free_t[free_banned] = True
-    return Rules(torch.tensor(mins), limits, banned, forced_t, free_t, no_repeat_ngram)
+    return Rules(torch.tensor(mins), limits, never, forced_t, free_t, no_repeat_ngram)
 
 
 Picker = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # log-probs -> (chosen log-probs, tokens)
@@ -158,14 +160,19 @@ def greedy(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules: Rul
     for t in range(max(rules.max_len)):
         lp, state, _ = model.step(_target_ids(prev, vocab), state, output)
         history = [tokens[s] for s in active.tolist()] if rules.no_repeat_ngram else None
-        best_lp, best = pick(rules.apply(lp, t, active, history))
+        lp = rules.apply(lp, t, active, history)
+        stuck = torch.isneginf(lp.max(dim=-1).values)  # the rules allow no token at all: the sentence ends here
+        if stuck.any():
+            lp[stuck, EOS] = 0.0
+        best_lp, best = pick(lp)
         keep = []
-        for row, (sent, tok, tok_lp) in enumerate(zip(active.tolist(), best.tolist(), best_lp.tolist())):
+        for row, (sent, tok, tok_lp, dead) in enumerate(zip(active.tolist(), best.tolist(), best_lp.tolist(),
+                                                            stuck.tolist())):
             logp[sent] += tok_lp
             if tok != EOS:
                 tokens[sent].append(tok)
             if tok == EOS or t + 1 >= rules.max_len[sent]:
-                results[sent] = [Hypothesis(tokens[sent], logp[sent] / length_penalty(t + 1, alpha))]
+                results[sent] = [Hypothesis(tokens[sent], logp[sent] / length_penalty(t + 1, alpha), not dead)]
             else:
                 keep.append(row)
         if not keep:
@@ -254,6 +261,10 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules
             if last_step:  # out of length: the best continuing hypotheses end here
                 for row, tok, sc in going[: max(0, K - len(finished[sent]))]:
                     finished[sent].append(Hypothesis(history[row].tolist() + [tok], final_score(row, sc, t + 1)))
+            if not finished[sent] and not going:  # no token allowed anywhere: keep the best unfinished hypothesis
+                beam = int(scores[i].argmax())
+                finished[sent].append(Hypothesis(history[i * K + beam].tolist(),
+                                                 final_score(i * K + beam, float(scores[i, beam]), t), False))
             if last_step or len(finished[sent]) >= K or not going:
                 continue
             going += [(going[0][0], going[0][1], NEG)] * (K - len(going))  # keep K rows per sentence

@@ -20,6 +20,10 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 # lost. It travels escaped as two private-use characters instead; the escape character escapes itself.
 _ESC, _ESC_SELF, _ESC_MARK = "\ue000", "\ue001", "\ue002"
 _ESCAPED = re.compile(_ESC + "([" + _ESC_SELF + _ESC_MARK + "])")
+# Characters that must never reach an output line: control characters (Unicode Cc: line feed, carriage
+# return, escape, NEL, ...) and the line and paragraph separators. Each would break the promise of one
+# output line per input line (str.splitlines splits on several of them) or reach a terminal as a command.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _escape(text: str) -> str:
@@ -75,7 +79,9 @@ class Tokenizer:
         return [self.sp.id_to_piece(i) for i in self.encode(text)]
 
     def decode(self, ids: list[int]) -> str:
-        return _unescape(self.sp.decode(ids))
+        """Ids -> one line of text. The search never picks an `unsafe_ids` piece; byte pieces that only
+        together spell a separator (U+2028 is three bytes) are caught here: each such character is a space."""
+        return _UNSAFE.sub(" ", _unescape(self.sp.decode(ids)))
 
     def id_pieces(self, ids: list[int]) -> list[str]:
         """Each id's piece as text (a literal U+2581 shown as itself, the word marker as '▁')."""
@@ -83,6 +89,21 @@ class Tokenizer:
 
     def decode_pieces(self, pieces: list[str]) -> str:
         return _unescape(self.sp.decode_pieces(pieces))
+
+    @cached_property
+    def unsafe_ids(self) -> list[int]:
+        """Pieces that decode to a control character or a line separator (the byte pieces <0x0A>, <0x0D>,
+        <0x1B>, ... of bpe/unigram's byte fallback, or such a character learned from the data)."""
+        out = []
+        for i in range(self.vocab_size):
+            piece = self.sp.id_to_piece(i)
+            if self.sp.is_byte(i):
+                byte = int(piece[3:5], 16)  # <0xNN>; from 0x80 on, bytes are parts of longer characters
+                if byte < 0x80 and _UNSAFE.match(chr(byte)):
+                    out.append(i)
+            elif not self.sp.is_control(i) and _UNSAFE.search(piece):
+                out.append(i)
+        return out
 
     @cached_property
     def punctuation(self) -> dict[str, int]:

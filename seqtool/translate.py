@@ -75,7 +75,7 @@ class Translator:
             forced = [[to_tgt.get(i, -1) for i in s] for s in ids]
             free_banned = list(tgt_p.values()) if d.copy_punctuation else None
         return make_rules([len(s) for s in ids], self.tgt_tok.vocab_size, d.max_len_a, d.max_len_b, d.min_len,
-                          d.max_len, forced, free_banned, d.no_repeat_ngram)
+                          d.max_len, forced, free_banned, d.no_repeat_ngram, self.tgt_tok.unsafe_ids)
 
     def search(self, ids: list[list[int]]) -> list[list[Hypothesis]]:
         """Decode a batch of non-empty id sequences."""
@@ -121,6 +121,9 @@ class Translator:
             for start in range(0, len(work), step):
                 chunk = work[start : start + step]
                 for (i, ids), hyps in zip(chunk, self.search([ids for _, ids in chunk])):
+                    if not hyps[0].complete:
+                        self.warn(f"line {first_lineno + i}: the decoding rules left no way to end the output; "
+                                  "it is the best unfinished hypothesis")
                     out[i] = self._translation(ids, hyps)
         return out
 

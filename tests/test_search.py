@@ -125,3 +125,18 @@ def test_sampling_explores():
     outs = {tuple(run(lambda m, s, l, r: greedy(m, s, l, r, pick=sampler(5.0, seed=seed)), [[7, 8, 9]])[0][0].tokens)
             for seed in range(10)}
     assert len(outs) > 1
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam", "sample"])
+def test_rules_that_allow_no_ending_give_the_best_unfinished_hypothesis(search):
+    """Only tokens 4 and 5 allowed, none twice, and EOS banned before 5 tokens: after two steps nothing is
+    allowed. The search returns the best unfinished hypothesis (never nothing, never a banned token)."""
+    from seqtool.search import sampler
+
+    fn = {"greedy": lambda m, s, l, r: greedy(m, s, l, r),
+          "beam": lambda m, s, l, r: beam_search(m, s, l, r, 3, nbest=3),
+          "sample": lambda m, s, l, r: greedy(m, s, l, r, pick=sampler(seed=1))}[search]
+    results = run(fn, [[7, 8, 9], [10, 11]], no_repeat_ngram=1, min_len=5, banned=list(range(6, V)))
+    for hyps in results:
+        assert len(hyps) == 1 and sorted(hyps[0].tokens) == [4, 5] and not hyps[0].complete
+        assert hyps[0].score > float("-inf")

@@ -85,3 +85,30 @@ def test_long_input_truncated_with_warning():
     out = t.translate(["alpha " * 200, ""], first_lineno=7)
     assert len(out) == 2 and out[1].text == ""
     assert warnings and warnings[0].startswith("line 7:") and "truncated to 30" in warnings[0]
+
+
+UNSAFE = [chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)]] + ["\u2028", "\u2029"]
+
+
+@pytest.mark.parametrize("decoding", [{"beam_size": 1}, {"beam_size": 3, "nbest": 3}, {"sample": True, "seed": 3}],
+                         ids=["greedy", "beam", "sample"])
+def test_no_line_break_or_control_character_whatever_the_model_prefers(decoding):
+    """A model whose output bias favours the byte pieces of a line feed, a carriage return and an escape:
+    every output is still one line of printable text."""
+    model = build_model(_CFG.model, _TOK.vocab_size, _TOK.vocab_size).eval()
+    with torch.no_grad():
+        for byte in ("<0x0A>", "<0x0D>", "<0x1B>", "<0x85>"):
+            model.output.bias[_TOK.sp.piece_to_id(byte)] = 50.0
+    t = Translator(model, _TOK, _TOK, _CFG.decoding.model_copy(update=decoding))
+    out = io.StringIO()
+    translate_stream(t, iter(["alpha beta 1", "gamma"]), out)
+    assert out.getvalue().count("\n") == 2
+    for tr in t.translate(["alpha beta 1", "gamma"]):
+        for text, _ in tr.hypotheses:
+            assert text and not any(c in text for c in UNSAFE), repr(text)
+
+
+def test_decode_never_returns_a_line_separator():
+    """U+2028 and NEL spelled by byte pieces (each harmless alone) decode to spaces."""
+    ids = [_TOK.sp.piece_to_id(f"<0x{b:02X}>") for b in "a\u2028b\u0085c\rd".encode()]
+    assert _TOK.decode(ids) == "a b c d"
