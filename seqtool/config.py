@@ -61,6 +61,22 @@ class ModelConfig(Section):
     copy_source: bool = Field(False, description="pointer-generator: mix generating a token with copying a source token "
                        "by attention (context attention and a joint tokenizer)")
 
+    @model_validator(mode="after")
+    def _combinations(self) -> "ModelConfig":
+        """Combinations the field types alone cannot reject, all reported together."""
+        problems = []
+        enc_size = self.encoder_hidden_size * (2 if self.bidirectional else 1)
+        if self.context == "attention" and self.attention == "luong_dot" and enc_size != self.hidden_size:
+            problems.append(f"model.attention luong_dot needs model.hidden_size ({self.hidden_size}) equal to the encoder "
+                            f"output size ({enc_size} = encoder_hidden_size x directions); use luong_general or bahdanau")
+        if self.input_feeding and not (self.context == "attention" and self.attention != "bahdanau"):
+            problems.append("model.input_feeding applies to luong_* attention only")
+        if self.copy_source and self.context != "attention":
+            problems.append("model.copy_source copies by attention: it needs model.context attention")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
 
 class TrainingConfig(Section):
     model_dir: str = "runs/model"
@@ -116,6 +132,16 @@ class DecodingConfig(Section):
                            "target tokens + the most frequent ones (faster decoding); 0 = whole vocabulary")
     shortlist_frequent: int = Field(100, ge=0, description="with shortlist: the most frequent target tokens always kept")
 
+    @model_validator(mode="after")
+    def _nbest_fits(self) -> "DecodingConfig":
+        # A beam holds beam_size hypotheses and sampling draws one: more would be silently fewer.
+        if self.sample and self.nbest > 1:
+            raise ValueError(f"decoding.nbest {self.nbest} with decoding.sample: sampling draws one output per line")
+        if not self.sample and self.nbest > self.beam_size:
+            raise ValueError(f"decoding.nbest {self.nbest} is more than decoding.beam_size {self.beam_size}: a beam "
+                             f"keeps at most beam_size hypotheses (e.g. --beam {self.nbest} --nbest {self.nbest})")
+        return self
+
 
 class Config(Section):
     data: DataConfig = DataConfig()
@@ -126,13 +152,15 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _cross_section_constraints(self) -> "Config":
-        d = self.decoding
+        d, problems = self.decoding, []
         if d.copy_punctuation and not d.exact_length:
-            raise ValueError("decoding.copy_punctuation needs decoding.exact_length: true")
+            problems.append("decoding.copy_punctuation needs decoding.exact_length: true")
         if d.exact_length and self.tokenizer.type != "word":
-            raise ValueError("decoding.exact_length needs tokenizer.type word (one token per character, as couplets)")
+            problems.append("decoding.exact_length needs tokenizer.type word (one token per character, as couplets)")
         if self.model.copy_source and not self.tokenizer.joint:
-            raise ValueError("model.copy_source needs tokenizer.joint: true (a copied source token must be a target token)")
+            problems.append("model.copy_source needs tokenizer.joint: true (a copied source token must be a target token)")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -199,10 +227,14 @@ def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> Config
     raw: Any = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory, not a config file")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             where = f" (line {line + 1})" if line is not None else ""

@@ -74,3 +74,19 @@ def test_copy_source_needs_a_joint_tokenizer_and_attention():
     with pytest.raises(ConfigError, match="model.copy_source needs tokenizer.joint"):
         validate({"model": {"copy_source": True}, "tokenizer": {"joint": False}})
     assert validate({"model": {"copy_source": True}}).model.copy_source
+
+
+def test_model_combinations_rejected_at_load_all_at_once():
+    """Luong sizes, input feeding with Bahdanau and copy without attention: found by validate, together."""
+    with pytest.raises(ConfigError) as exc:
+        validate({"model": {"attention": "luong_dot", "hidden_size": 100, "encoder_hidden_size": 64,
+                            "context": "attention", "copy_source": True}, "decoding": {"copy_punctuation": True}})
+    assert "luong_dot needs model.hidden_size (100)" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        validate({"model": {"context": "init", "input_feeding": True, "copy_source": True}})
+    assert "input_feeding applies to luong_* attention only" in str(exc.value)
+    assert "copy_source copies by attention" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:  # two cross-section problems at once
+        validate({"decoding": {"copy_punctuation": True, "exact_length": True}, "tokenizer": {"joint": False},
+                  "model": {"copy_source": True}})
+    assert "exact_length needs tokenizer.type word" in str(exc.value) and "copy_source needs tokenizer.joint" in str(exc.value)

@@ -7,7 +7,6 @@ import torch
 
 from seqtool.config import ModelConfig
 from seqtool.data import make_batch
-from seqtool.errors import ConfigError
 from seqtool.model.dropout import Dropout
 from seqtool.model.seq2seq import build_model
 from seqtool.tokenizer import PAD
@@ -72,13 +71,6 @@ def test_init_scale_draws_every_weight_from_one_range(tie):
     for embed in (model.encoder.embed, model.decoder.embed):
         assert embed.weight[PAD].abs().sum() == 0 and embed.weight[PAD + 1:].abs().min() > 0
     assert default.encoder.embed.weight.std() > 0.5  # torch's N(0, 1) without init_scale
-
-
-def test_invalid_combinations_are_config_errors():
-    with pytest.raises(ConfigError, match="luong_dot"):
-        build_model(ModelConfig(attention="luong_dot", hidden_size=100, encoder_hidden_size=64), 10, 10)
-    with pytest.raises(ConfigError, match="input_feeding"):
-        build_model(ModelConfig(context="init", input_feeding=True), 10, 10)
 
 
 ATTENTION_MODES = [m for m in MODES if m[0] == "attention"]
@@ -155,11 +147,6 @@ def test_copy_learns_to_copy_tokens_it_never_saw_as_targets():
 
     assert accuracy(copy=True) > 0.8
     assert accuracy(copy=False) < 0.1
-
-
-def test_copy_without_attention_is_a_config_error():
-    with pytest.raises(ConfigError, match="copy_source"):
-        build_model(ModelConfig(context="every_step", copy_source=True), 10, 10)
 
 
 def test_dropout_zeroes_a_fraction_p_scales_the_rest_and_passes_through_in_eval():

@@ -10,7 +10,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from seqtool.config import ModelConfig
-from seqtool.errors import ConfigError
 from seqtool.model.decoder import Decoder, DecoderState
 from seqtool.model.encoder import Encoder
 from seqtool.model.loss import linear_cross_entropy
@@ -103,20 +102,6 @@ class Seq2Seq(nn.Module):
         return torch.log(probs.clamp_min(1e-12))
 
 
-def check_model_config(cfg: ModelConfig) -> None:
-    """Combinations the schema alone cannot reject."""
-    enc_size = cfg.encoder_hidden_size * (2 if cfg.bidirectional else 1)
-    if cfg.context == "attention" and cfg.attention == "luong_dot" and enc_size != cfg.hidden_size:
-        raise ConfigError(
-            f"model.attention luong_dot needs model.hidden_size ({cfg.hidden_size}) equal to the encoder output "
-            f"size ({enc_size} = encoder_hidden_size x directions); use luong_general or bahdanau"
-        )
-    if cfg.input_feeding and not (cfg.context == "attention" and cfg.attention != "bahdanau"):
-        raise ConfigError("model.input_feeding applies to luong_* attention only")
-    if cfg.copy_source and cfg.context != "attention":
-        raise ConfigError("model.copy_source copies by attention: it needs model.context attention")
-
-
 def build_model(cfg: ModelConfig, src_vocab: int, tgt_vocab: int) -> Seq2Seq:
-    check_model_config(cfg)
+    """A model for a validated config (ModelConfig rejects impossible combinations when it is built)."""
     return Seq2Seq(cfg, src_vocab, tgt_vocab)
