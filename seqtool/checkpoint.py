@@ -10,7 +10,7 @@ import json
 import os
 import struct
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -112,9 +112,12 @@ def _unpack(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[
         raise ModelFileError(f"{path} is not a {what} file, or it is truncated")
     try:
         header = json.loads(data[8 : 8 + header_len])
-        raw_meta = header.get("__metadata__") or {}
-    except (ValueError, AttributeError):
+    except ValueError:  # not JSON, or not UTF-8
         raise ModelFileError(f"{path} is not a {what} file (unreadable header)") from None
+    raw_meta = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    # safetensors metadata is a mapping of strings to strings; anything else is not a file of ours.
+    if not isinstance(raw_meta, dict) or not all(isinstance(v, str) for v in raw_meta.values()):
+        raise ModelFileError(f"{path} is not a {what} file (unreadable header)")
     if raw_meta.get("format") != kind:
         raise ModelFileError(f"{path} is a safetensors file but not a {what} file")
     version = raw_meta.get("format_version")
@@ -125,7 +128,7 @@ def _unpack(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[
     try:
         tensors = st_load(data)
         meta = {k: json.loads(v) for k, v in raw_meta.items() if k not in ("format", "format_version")}
-    except Exception:  # safetensors raises its own error types for damaged payloads
+    except Exception:  # safetensors raises its own error types for damaged payloads (offsets, dtypes, sizes)
         raise ModelFileError(f"{path} is damaged or truncated") from None
     return tensors, meta
 
@@ -152,33 +155,43 @@ def bundle_tensors(bundle: ModelBundle) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, {"config": bundle.config.model_dump(), "info": bundle.info}
 
 
+def _tokenizer(tensors: dict[str, torch.Tensor], name: str, word: bool, path: Path) -> Tokenizer:
+    blob = tensors[name]
+    if blob.dtype != torch.uint8 or blob.dim() != 1:
+        raise ModelFileError(f"{path}: the tokenizer inside the model is damaged ({name} is not a byte string)")
+    return Tokenizer.from_bytes(blob.numpy().tobytes(), word)
+
+
 def bundle_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> ModelBundle:
     try:
         config = validate(meta.get("config"))
     except ConfigError as exc:
         raise ModelFileError(f"{path}: its config is not valid for this seqtool ({exc})") from None
+    info = meta.get("info") or {}
+    if not isinstance(info, dict):
+        raise ModelFileError(f"{path}: its training info is damaged (not a mapping)")
     if "tokenizer.src" not in tensors:
         raise ModelFileError(f"{path}: no tokenizer inside the model file")
     word = config.tokenizer.type == "word"
-    src_tok = Tokenizer.from_bytes(tensors["tokenizer.src"].numpy().tobytes(), word)
-    tgt = tensors.get("tokenizer.tgt")
-    tgt_tok = src_tok if tgt is None else Tokenizer.from_bytes(tgt.numpy().tobytes(), word)
+    src_tok = _tokenizer(tensors, "tokenizer.src", word, path)
+    tgt_tok = src_tok if "tokenizer.tgt" not in tensors else _tokenizer(tensors, "tokenizer.tgt", word, path)
     model = build_model(config.model, src_tok.vocab_size, tgt_tok.vocab_size)
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     expected = model.state_dict()
     aliases = set(expected) - set(_unaliased(expected))
     missing = set(expected) - set(weights) - aliases
     unexpected = set(weights) - set(expected)
-    wrong_shape = [k for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape]
-    if missing or unexpected or wrong_shape:
+    wrong = [k for k in set(weights) & set(expected)
+             if weights[k].shape != expected[k].shape or weights[k].dtype != expected[k].dtype]
+    if missing or unexpected or wrong:
         raise ModelFileError(f"{path}: weights do not match its config (missing {len(missing)}, "
-                             f"unexpected {len(unexpected)}, wrong shape {len(wrong_shape)})")
+                             f"unexpected {len(unexpected)}, wrong shape or dtype {len(wrong)})")
     model.load_state_dict(weights, strict=False)
     model.eval()
     shortlist = Shortlist.from_tensors(tensors)
     if shortlist is not None and not shortlist.fits(src_tok.vocab_size, tgt_tok.vocab_size):
         raise ModelFileError(f"{path}: its shortlist table does not match its vocabularies")
-    return ModelBundle(model, config, src_tok, tgt_tok, meta.get("info") or {}, shortlist)
+    return ModelBundle(model, config, src_tok, tgt_tok, info, shortlist)
 
 
 def save_model(path: Path, bundle: ModelBundle) -> None:
@@ -218,30 +231,70 @@ def model_card(bundle: ModelBundle, path: Path) -> dict[str, Any]:
     }
 
 
-def save_state(path: Path, bundle: ModelBundle, optimizer: torch.optim.Optimizer, progress: dict[str, Any]) -> None:
-    """One file with all a resumed run needs: model, tokenizers, optimizer, progress and RNG."""
-    tensors, meta = bundle_tensors(bundle)
-    opt = optimizer.state_dict()
-    for pid, slots in opt["state"].items():
+@dataclass
+class TrainState:
+    """What `--resume` restores: the model, each parameter's optimizer slots, the progress record, the RNG
+    states (the CPU's, and the CUDA device's when training ran on one) and the fp16 gradient scaler's state."""
+
+    bundle: ModelBundle
+    optimizer: dict[int, dict[str, torch.Tensor]]  # parameter index -> Adam's step, exp_avg, exp_avg_sq
+    progress: dict[str, Any]
+    rng: dict[str, torch.Tensor]  # "torch", and "cuda" for a CUDA run
+    scaler: dict[str, Any] = field(default_factory=dict)  # GradScaler.state_dict(); empty unless fp16 scaled
+
+
+def save_state(path: Path, state: TrainState) -> None:
+    """One file with all a resumed run needs: model, tokenizers, optimizer, progress, RNG and loss scale."""
+    tensors, meta = bundle_tensors(state.bundle)
+    for pid, slots in state.optimizer.items():
         for name, value in slots.items():
             tensors[f"optim.{pid}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    tensors["rng.torch"] = torch.get_rng_state()
-    meta.update(param_groups=opt["param_groups"], progress=progress)
+    tensors.update({f"rng.{name}": t for name, t in state.rng.items()})
+    meta.update(progress=state.progress, scaler=state.scaler)
     atomic_write(path, _pack(tensors, STATE_FORMAT, meta))
 
 
-def load_state(path: Path) -> tuple[ModelBundle, dict[str, Any], dict[str, Any], torch.Tensor]:
-    """-> (bundle, optimizer state dict, progress, torch RNG state)."""
+SLOTS = ("exp_avg", "exp_avg_sq")  # Adam's per-parameter moments: the parameter's shape and dtype
+
+
+def load_state(path: Path) -> TrainState:
+    """Read a training state and check every part against the model it holds, so that what it returns
+    can be restored: a damaged or foreign file is one ModelFileError, never a failure later in training."""
     tensors, meta = _unpack(path, STATE_FORMAT)
     bundle = bundle_from(tensors, meta, path)
-    state: dict[int, dict[str, torch.Tensor]] = {}
+    params = list(bundle.model.parameters())
+    optimizer: dict[int, dict[str, torch.Tensor]] = {}
+    problems = []
     for name, value in tensors.items():
         if name.startswith("optim."):
             _, pid, slot = name.split(".", 2)
-            state.setdefault(int(pid), {})[slot] = value
-    if "rng.torch" not in tensors or "progress" not in meta:
-        raise ModelFileError(f"{path}: incomplete training state")
-    return bundle, {"state": state, "param_groups": meta["param_groups"]}, meta["progress"], tensors["rng.torch"]
+            index = int(pid) if pid.isdigit() else -1
+            if not 0 <= index < len(params):
+                problems.append(f"{name}: no such parameter")
+            elif slot in SLOTS and (value.shape != params[index].shape or value.dtype != params[index].dtype):
+                problems.append(f"{name}: shape or dtype differs from the parameter")
+            elif slot == "step" and (value.numel() != 1 or not value.is_floating_point()):
+                problems.append(f"{name}: not a step count")
+            elif slot not in (*SLOTS, "step"):
+                problems.append(f"{name}: unknown optimizer slot")
+            else:
+                optimizer.setdefault(index, {})[slot] = value
+    if any(set(slots) != {"step", *SLOTS} for slots in optimizer.values()):
+        problems.append("optimizer state incomplete")
+    rng = {name[len("rng."):]: t for name, t in tensors.items() if name.startswith("rng.")}
+    if "torch" not in rng or rng["torch"].dtype != torch.uint8 or rng["torch"].shape != torch.get_rng_state().shape:
+        problems.append("no CPU random generator state")
+    if "cuda" in rng and (rng["cuda"].dtype != torch.uint8 or rng["cuda"].dim() != 1):
+        problems.append("damaged CUDA random generator state")
+    scaler = meta.get("scaler") or {}
+    if not isinstance(scaler, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               for v in scaler.values()):
+        problems.append("damaged gradient scaler state")
+    if not isinstance(meta.get("progress"), dict):
+        problems.append("no progress record")
+    if problems:
+        raise ModelFileError(f"{path}: damaged training state ({'; '.join(problems[:3])})")
+    return TrainState(bundle, optimizer, meta["progress"], rng, scaler)
 
 
 def step_models(model_dir: Path) -> list[Path]:

@@ -12,15 +12,16 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 
 import torch
+from pydantic import TypeAdapter, ValidationError
 
 from seqtool import __version__
-from seqtool.checkpoint import (MODEL_FILE, STATE_FILE, STEP_FILE, ModelBundle, append_line, atomic_write, load_state,
-                                save_model, save_state, step_models)
+from seqtool.checkpoint import (MODEL_FILE, STATE_FILE, STEP_FILE, ModelBundle, TrainState, append_line, atomic_write,
+                                load_state, save_model, save_state, step_models)
 from seqtool.config import Config, TrainingConfig, dump_config
 from seqtool.data import Examples, encode_pairs, epoch_batches, make_batch, read_pairs
 from seqtool.device import FP32_CPU, Precision, pick_device, pick_precision, release_freed_memory
 from seqtool.distributed import Ranks, all_reduce, init_from_env, main_does, my_share, rank_device, shutdown
-from seqtool.errors import ConfigError, DataError, SeqtoolError
+from seqtool.errors import ConfigError, DataError, ModelFileError, SeqtoolError
 from seqtool.metrics import bleu, rouge_mean
 from seqtool.model.seq2seq import build_model
 from seqtool.progress import Reporter
@@ -45,6 +46,35 @@ class Progress:
     plateau_best: Optional[float] = None
     plateau_bad: int = 0
     last_valid: dict = field(default_factory=dict)
+
+    @classmethod
+    def restored(cls, saved: dict, path: Path) -> "Progress":
+        """The progress record of a training state, checked field by field (a damaged file is refused)."""
+        try:
+            progress = TypeAdapter(cls).validate_python(saved, strict=False)
+        except ValidationError:
+            progress = None
+        counts = ("step", "epoch", "batch_in_epoch", "elapsed_s", "best_step", "bad_validations", "plateau_bad")
+        if progress is None or min(getattr(progress, c) for c in counts) < 0 or not progress.lr_scale > 0:
+            raise ModelFileError(f"{path}: damaged training state (progress record)")
+        return progress
+
+
+def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """The random generators a run draws from: the CPU's, and on CUDA the device's (dropout masks there)."""
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng(states: dict[str, torch.Tensor], device: torch.device) -> bool:
+    """Put back the generators `rng_states` saved; False when a CUDA run resumes a CPU run's state (its CUDA
+    generator then starts from the seed, and dropout masks differ from an uninterrupted run)."""
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+    return device.type != "cuda" or "cuda" in states
 
 
 def learning_rate(cfg: TrainingConfig, progress: Progress) -> float:
@@ -223,7 +253,9 @@ class Trainer:
             save_model(self.dir / STEP_FILE.format(self.progress.step), self.bundle)
             for old in step_models(self.dir)[:-keep]:
                 old.unlink()
-        save_state(self.dir / STATE_FILE, self.bundle, self.optimizer, asdict(self.progress))
+        scaler = self.scaler.state_dict() if self.scaler.is_enabled() else {}
+        save_state(self.dir / STATE_FILE, TrainState(self.bundle, self.optimizer.state_dict()["state"],
+                                                     asdict(self.progress), rng_states(self.precision.device), scaler))
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self, train_loss: float, sent_s: float, tok_s: float) -> bool:
@@ -405,12 +437,13 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
     state_path = model_dir / STATE_FILE
     progress = Progress()
     if resume:
-        bundle, opt_state, saved_progress, rng = load_state(state_path)
+        saved = load_state(state_path)
+        bundle = saved.bundle
         for section in ("data", "tokenizer", "model"):
             if getattr(bundle.config, section) != getattr(cfg, section):
                 raise ConfigError(f"--resume: the {section} section differs from the run in {model_dir}")
         bundle.config = cfg
-        progress = Progress(**saved_progress)
+        progress = Progress.restored(saved.progress, state_path)
         bundle.model.train()
         main_does(lambda: tidy_after_crash(model_dir, progress.step), ranks)
     else:
@@ -461,8 +494,13 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
                  f"{bundle.src_tok.vocab_size}/{bundle.tgt_tok.vocab_size}")
     trainer = Trainer(cfg, bundle, train, valid, valid_src, valid_ref, reporter, progress, ranks, precision)
     if resume:
-        trainer.optimizer.load_state_dict(opt_state)
-        torch.set_rng_state(rng)
+        # The parameter groups (lr, betas, ...) come from the config: only the per-parameter slots are saved.
+        trainer.optimizer.load_state_dict({"state": saved.optimizer,
+                                           "param_groups": trainer.optimizer.state_dict()["param_groups"]})
+        if not restore_rng(saved.rng, precision.device):
+            reporter.log("the saved state has no CUDA generator (it trained on the CPU): dropout continues from a fresh seed")
+        if trainer.scaler.is_enabled() and saved.scaler:
+            trainer.scaler.load_state_dict(saved.scaler)
         reporter.log(f"resuming at step {progress.step} (epoch {progress.epoch})")
     if ranks.parallel:  # the same weights everywhere (DDP checked), but different dropout masks per rank
         torch.manual_seed(cfg.training.seed + 1000 * ranks.rank + progress.step)

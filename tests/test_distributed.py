@@ -36,8 +36,8 @@ def test_two_processes_follow_one_process_and_resume(tmp_path):
         for key in ("train_loss", "valid_loss"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-3), (key, ra, rb)
     assert b[-1]["valid_loss"] < 0.8 * a[0]["train_loss"]  # it learned
-    wa = load_state(tmp_path / "one" / STATE_FILE)[0].model.state_dict()
-    wb = load_state(tmp_path / "two" / STATE_FILE)[0].model.state_dict()
+    wa = load_state(tmp_path / "one" / STATE_FILE).bundle.model.state_dict()
+    wb = load_state(tmp_path / "two" / STATE_FILE).bundle.model.state_dict()
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-4, msg=name)  # measured: 2.4e-6
     files = sorted(p.name for p in (tmp_path / "two").iterdir())

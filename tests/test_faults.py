@@ -29,7 +29,7 @@ def _check_run_dir(model_dir) -> int:
         load_model(step_file)
     for line in (model_dir / "metrics.jsonl").read_text().splitlines():
         json.loads(line)
-    return load_state(model_dir / STATE_FILE)[2]["step"]
+    return load_state(model_dir / STATE_FILE).progress["step"]
 
 
 def test_kill_9_at_random_moments_never_leaves_a_damaged_file(tmp_path):

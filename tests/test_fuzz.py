@@ -8,20 +8,30 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import os
+import struct
 import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from seqtool.cli import main
 from seqtool.config import Config
+from seqtool.checkpoint import load_state
+from seqtool.data import make_batch
+from seqtool.errors import ModelFileError
+from seqtool.train import Progress, make_optimizer, restore_rng
 
 SECTIONS = list(Config.model_fields)
 KEYS = [f"{s}.{k}" for s in SECTIONS for k in Config.model_fields[s].annotation.model_fields]
-FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# CI draws 25 examples per entry point; FUZZ_EXAMPLES=2000 (with HYPOTHESIS_PROFILE=explore) hunts for more.
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "25")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 def run_main(*args: str) -> tuple[int, str, str]:
@@ -111,3 +121,107 @@ def test_random_model_files(data, command):
         code, _, err = run_main(*args)
         assert code != 0
         assert_clean(code, err)
+
+
+# -- the safetensors header itself --------------------------------------------------------------
+DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "C64", "X", ""]
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**64) | st.floats(allow_nan=False) |
+                           st.text(max_size=12), lambda inner: st.lists(inner, max_size=3) |
+                           st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=5)
+header_edits = st.lists(st.one_of(
+    st.tuples(st.just("metadata"), json_values),  # __metadata__ of any JSON shape
+    st.tuples(st.just("meta_key"), st.sampled_from(["format", "format_version", "config", "info", "param_groups",
+                                                     "progress", "extra"]),
+              json_values.map(lambda v: json.dumps(v)) | st.text(max_size=12) | json_values),
+    st.tuples(st.just("dtype"), st.integers(0, 10**6), st.sampled_from(DTYPES) | json_values),
+    st.tuples(st.just("shape"), st.integers(0, 10**6), st.lists(st.integers(-2, 2**40), max_size=3) | json_values),
+    st.tuples(st.just("offsets"), st.integers(0, 10**6), st.tuples(st.integers(-8, 2**33), st.integers(-8, 2**33))),
+    st.tuples(st.just("overlap"), st.integers(0, 10**6), st.integers(0, 10**6)),  # one tensor's bytes given to another
+    st.tuples(st.just("drop"), st.integers(0, 10**6)),
+    st.tuples(st.just("rename"), st.integers(0, 10**6), st.text(max_size=20)),
+    st.tuples(st.just("whole"), json_values),  # the header replaced by any JSON
+    st.tuples(st.just("truncate"), st.integers(0, 10**6)),
+    st.tuples(st.just("header_len"), st.integers(0, 2**64 - 1)),
+), min_size=1, max_size=4)
+
+
+def edited(data: bytes, edits) -> bytes:
+    """A safetensors file with its header edited as `edits` say."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header, payload = json.loads(data[8:8 + n]), data[8 + n:]
+    length = None
+    for edit in edits:
+        kind, *args = edit
+        names = [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
+        if kind == "whole":
+            header = args[0]
+        elif kind == "truncate":
+            payload = payload[: args[0] % (len(payload) + 1)]
+        elif kind == "header_len":
+            length = args[0]
+        elif not isinstance(header, dict):
+            continue
+        elif kind == "metadata":
+            header["__metadata__"] = args[0]
+        elif kind == "meta_key":
+            if not isinstance(header.get("__metadata__"), dict):
+                header["__metadata__"] = {}
+            header["__metadata__"][args[0]] = args[1]
+        elif names:
+            name = names[args[0] % len(names)]
+            entry = header[name]
+            if kind == "drop":
+                del header[name]
+            elif kind == "rename":
+                header[args[1]] = header.pop(name)
+            elif not isinstance(entry, dict):
+                continue
+            elif kind == "dtype":
+                entry["dtype"] = args[1]
+            elif kind == "shape":
+                entry["shape"] = args[1]
+            elif kind == "offsets":
+                entry["data_offsets"] = list(args[1])
+            elif kind == "overlap":
+                other = header[names[args[1] % len(names)]]
+                if isinstance(other, dict):
+                    entry["data_offsets"] = other.get("data_offsets")
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text) if length is None else length) + text + payload
+
+
+@FUZZ
+@given(header_edits, st.sampled_from(["info", "translate"]))
+def test_edited_safetensors_headers(trained_model, edits, command):
+    """Headers of every JSON shape, offsets past the end, overlapping tensors, wrong dtypes and shapes:
+    a clean exit every time, and one output line per input line when the file is accepted."""
+    data = edited((trained_model / "model.safetensors").read_bytes(), edits)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = _write(tmp, "model.safetensors", data)
+        args = ["info", model] if command == "info" else ["translate", "-m", model, _write(tmp, "in", b"zuza\n\nzobo.\n"), "-q"]
+        code, out, err = run_main(*args)
+        assert_clean(code, err)
+        if code == 0 and command == "translate":
+            assert out.count("\n") == 3
+
+
+@FUZZ
+@given(header_edits)
+def test_edited_training_states(trained_model, edits):
+    """A damaged train_state file is one ModelFileError, or a state the trainer can really restore."""
+    data = edited((trained_model / "train_state.safetensors").read_bytes(), edits)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(_write(tmp, "train_state.safetensors", data))
+        try:
+            state = load_state(path)
+            progress = Progress.restored(state.progress, path)
+        except ModelFileError:
+            return
+        optimizer = make_optimizer(state.bundle.model, 1e-3)  # restored as prepare() does, then one real step
+        optimizer.load_state_dict({"state": state.optimizer, "param_groups": optimizer.state_dict()["param_groups"]})
+        restore_rng(state.rng, torch.device("cpu"))
+        state.bundle.model.train()
+        batch = make_batch([[5, 6, 7]], [[5, 6]])
+        state.bundle.model(batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out).backward()
+        optimizer.step()
+        assert min(progress.step, progress.epoch, progress.batch_in_epoch) >= 0

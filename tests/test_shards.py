@@ -90,10 +90,9 @@ def test_streamed_training_learns_and_resumes_exactly(tmp_path):
     run_training(validate(tiny_config(tmp_path / "a", data=stream, training=small)), quiet=True)
     run_training(validate(tiny_config(tmp_path / "b", data=stream, training={**small, "max_steps": 20})), quiet=True)
     run_training(validate(tiny_config(tmp_path / "b", data=stream, training=small)), resume=True, quiet=True)
-    a, _, pa, _ = load_state(tmp_path / "a" / STATE_FILE)
-    b, _, pb, _ = load_state(tmp_path / "b" / STATE_FILE)
-    assert pa["step"] == pb["step"] == 40
-    for (name, wa), (_, wb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+    a, b = load_state(tmp_path / "a" / STATE_FILE), load_state(tmp_path / "b" / STATE_FILE)
+    assert a.progress["step"] == b.progress["step"] == 40
+    for (name, wa), (_, wb) in zip(a.bundle.model.state_dict().items(), b.bundle.model.state_dict().items()):
         assert torch.equal(wa, wb), name
 
     # The whole tiny task through the CLI, streamed: it learns as in memory.

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli, tiny_config, write_config
-from seqtool.checkpoint import STATE_FILE, load_state
+from seqtool.checkpoint import STATE_FILE, TrainState, load_state, save_state
 from seqtool.config import TrainingConfig, validate
-from seqtool.train import Progress, learning_rate, run_training, update_plateau
+from seqtool.device import Precision
+from seqtool.progress import Reporter
+from seqtool.train import Progress, learning_rate, prepare, restore_rng, rng_states, run_training, update_plateau
 
 SMALL = {"max_steps": 40, "valid_every": 20, "valid_max_sentences": 30, "batch_tokens": 600}
 
@@ -25,13 +27,61 @@ def test_resumed_run_matches_uninterrupted_run_bitwise(tmp_path):
     run_training(first_half, quiet=True)
     second_half = validate(tiny_config(tmp_path / "b", training=SMALL))
     run_training(second_half, resume=True, quiet=True)
-    a, _, pa, _ = load_state(tmp_path / "a" / STATE_FILE)
-    b, _, pb, _ = load_state(tmp_path / "b" / STATE_FILE)
-    assert pa["step"] == pb["step"] == 40
-    for (name, wa), (_, wb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+    a, b = load_state(tmp_path / "a" / STATE_FILE), load_state(tmp_path / "b" / STATE_FILE)
+    assert a.progress["step"] == b.progress["step"] == 40
+    for (name, wa), (_, wb) in zip(a.bundle.model.state_dict().items(), b.bundle.model.state_dict().items()):
         assert torch.equal(wa, wb), name
     assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") == 2
     assert (tmp_path / "b" / "metrics.jsonl").read_text() .count("\n") == 2
+
+
+def _scaled_run(model_dir, max_steps: int, resume: bool = False):
+    """Train with loss scaling (fp16's GradScaler; torch has one on the CPU too, in fp32) up to max_steps."""
+    scaled = Precision(torch.device("cpu"), scaled=True)
+    cfg = validate(tiny_config(model_dir, training={**SMALL, "max_steps": max_steps}))
+    trainer = prepare(cfg, Reporter(quiet=True), resume, precision=scaled)
+    assert trainer.scaler.is_enabled()
+    trainer.run()
+    return trainer
+
+
+def test_resume_restores_the_gradient_scaler(tmp_path):
+    """The loss scale and its growth tracker continue where they stopped, as the weights do."""
+    straight = _scaled_run(tmp_path / "a", 40)
+    _scaled_run(tmp_path / "b", 20)
+    resumed = _scaled_run(tmp_path / "b", 40, resume=True)
+    assert straight.scaler.state_dict() == resumed.scaler.state_dict()
+    assert straight.scaler.state_dict()["_growth_tracker"] == 40  # 20 if the tracker restarted at the resume
+    assert load_state(tmp_path / "b" / STATE_FILE).scaler == straight.scaler.state_dict()
+    for (name, wa), (_, wb) in zip(straight.bundle.model.state_dict().items(), resumed.bundle.model.state_dict().items()):
+        assert torch.equal(wa, wb), name
+
+
+def test_cuda_generator_state_is_saved_and_restored(tmp_path, monkeypatch):
+    """Without a GPU here, a fake CUDA generator stands in: its state goes into the file and back."""
+    fake = {"state": torch.arange(16, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": fake["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": fake.update(state=state.clone()))
+    cuda = torch.device("cuda")
+    run = _scaled_run(tmp_path / "m", 3)
+    path = tmp_path / "state.safetensors"
+    save_state(path, TrainState(run.bundle, run.optimizer.state_dict()["state"], {"step": 3}, rng_states(cuda)))
+    fake["state"] = torch.zeros(16, dtype=torch.uint8)
+    loaded = load_state(path)
+    assert restore_rng(loaded.rng, cuda) and torch.equal(fake["state"], torch.arange(16, dtype=torch.uint8))
+    assert not restore_rng(rng_states(torch.device("cpu")), cuda)  # a CPU run's state on a GPU: said, not hidden
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_resumed_fp16_gpu_run_matches_uninterrupted_run(tmp_path):
+    gpu = {**SMALL, "device": "cuda", "precision": "fp16"}
+    run_training(validate(tiny_config(tmp_path / "a", training=gpu)), quiet=True)
+    run_training(validate(tiny_config(tmp_path / "b", training={**gpu, "max_steps": 20})), quiet=True)
+    run_training(validate(tiny_config(tmp_path / "b", training=gpu)), resume=True, quiet=True)
+    a, b = load_state(tmp_path / "a" / STATE_FILE), load_state(tmp_path / "b" / STATE_FILE)
+    assert a.scaler == b.scaler and torch.equal(a.rng["cuda"], b.rng["cuda"])
+    for (name, wa), (_, wb) in zip(a.bundle.model.state_dict().items(), b.bundle.model.state_dict().items()):
+        assert torch.equal(wa, wb), name
 
 
 def test_refuses_to_overwrite_a_run_and_resume_needs_a_run(tmp_path):
@@ -61,7 +111,7 @@ def test_signal_saves_a_resumable_checkpoint_and_exits_zero(tmp_path, sig):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert f"stopped by {sig.name}" in err and "Traceback" not in err
-    _, _, progress, _ = load_state(tmp_path / "m" / STATE_FILE)
+    progress = load_state(tmp_path / "m" / STATE_FILE).progress
     assert progress["step"] >= 20
     resumed = run_cli("train", "-c", str(path), "--resume", "--set", f"training.max_steps={progress['step'] + 5}")
     assert resumed.returncode == 0, resumed.stderr
