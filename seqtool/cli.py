@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from seqtool.errors import SeqtoolError
+from seqtool.errors import ConfigError, SeqtoolError
 
 app = typer.Typer(
     help="Train, run and score RNN sequence-to-sequence models for text.\n\n"
@@ -75,6 +75,8 @@ def train(
         if value is not None:  # set as given: a file name is never parsed as YAML
             section, name = key.split(".")
             setattr(getattr(cfg, section), name, value)
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, not {nproc}")
     if nproc != 1:
         from seqtool.distributed import launch
 
@@ -98,7 +100,6 @@ def _without_nproc(argv: list[str]) -> list[str]:
 def _decoding(bundle, overrides: List[str], flags: dict):
     """The model's decoding section with --set overrides and flags (decoding key -> value or None) applied."""
     from seqtool.config import apply_overrides, validate
-    from seqtool.errors import ConfigError
 
     for expr in overrides:
         if not expr.startswith("decoding."):
@@ -191,19 +192,48 @@ def translate(
     if output is None:
         n = translate_stream(translator, lines, sys.stdout, fmt, each)
     else:
-        tmp = output.with_name(f".{output.name}.partial")
-        try:
-            with open(tmp, "w", encoding="utf-8") as out:
-                n = translate_stream(translator, lines, out, fmt, each)
-            os.replace(tmp, output)  # no half-written output under the real name
-        except OSError as exc:
-            raise SeqtoolError(f"cannot write {output}: {exc.strerror}") from None
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        n = _translate_to_file(translator, lines, output, fmt, each)
     if not quiet:
         seconds = time.monotonic() - start
         _err(f"translated {n} lines in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} lines/s)")
+
+
+def _translate_to_file(translator, lines, output: Path, fmt: str, each) -> int:
+    """Write under a temporary name and rename when complete, so the real name never holds half an output.
+    If anything stops it (bad input on line N, a full disk, Ctrl-C), the lines already translated are
+    kept in OUTPUT.partial, whole lines only, and the error says so."""
+    from seqtool.translate import translate_stream
+
+    tmp = output.with_name(f".{output.name}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            n = translate_stream(translator, lines, out, fmt, each)
+        os.replace(tmp, output)
+        return n
+    except OSError as exc:
+        raise SeqtoolError(f"cannot write {output}: {exc.strerror}{_kept(tmp, output)}") from None
+    except SeqtoolError as exc:
+        raise type(exc)(f"{exc}{_kept(tmp, output)}") from None
+    except KeyboardInterrupt:
+        _err(f"interrupted{_kept(tmp, output)}")
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _kept(tmp: Path, output: Path) -> str:
+    """Move the whole lines of an unfinished output to OUTPUT.partial; the words to add to the error."""
+    try:
+        data = tmp.read_bytes()
+        done = data[: data.rfind(b"\n") + 1]
+        if not done:
+            return ""
+        partial = output.with_name(output.name + ".partial")
+        partial.write_bytes(done)
+    except OSError:
+        return ""
+    count = done.count(b"\n")
+    return f" (the {count} lines translated before it are in {partial})"
 
 
 def _attention_plotter(folder: Path):
@@ -358,6 +388,7 @@ def serve(
     batch_size: Optional[int] = BatchOpt,
     max_lines: int = typer.Option(1000, "--max-lines", help="Most lines per request, and per decoding round."),
     wait_ms: float = typer.Option(5.0, "--batch-wait-ms", help="How long a request waits for others to share its batch."),
+    max_queue: int = typer.Option(10_000, "--max-queue", help="Most lines waiting to be decoded; beyond it a request gets 503 at once (back-pressure)."),
     device: Optional[str] = DeviceOpt,
     quantize: Optional[bool] = QuantizeOpt,
     shortlist: Optional[int] = ShortlistOpt,
@@ -366,7 +397,8 @@ def serve(
 ) -> None:
     """Serve a model over HTTP: POST /translate {"lines": [...]}, GET /health, GET /info.
 
-    Concurrent requests are decoded together. Bad requests get 400 with {"error": ...}.
+    Concurrent requests are decoded together. Bad requests get 400 with {"error": ...}; a body over
+    1 MB 413; a full queue 503 (retry later). It listens on 127.0.0.1 unless --host says otherwise.
 
     Example:
 
@@ -377,13 +409,15 @@ def serve(
     from seqtool.serve import make_app
     from seqtool.serve import serve as run_server
 
-    if max_lines < 1 or wait_ms < 0:
-        raise SeqtoolError("--max-lines must be at least 1 and --batch-wait-ms at least 0")
+    if max_lines < 1 or wait_ms < 0 or max_queue < max_lines:
+        raise ConfigError("--max-lines must be at least 1, --batch-wait-ms at least 0 and --max-queue at least --max-lines")
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be a TCP port, 1 to 65535, not {port}")
     bundle = load_model(model)
     flags = {"beam_size": beam, "batch_size": batch_size, "device": device, "quantize": quantize, "shortlist": shortlist}
     translator = _translator(model, overrides, flags, False, verbose, bundle=bundle, pieces=True)
     card = model_card(bundle, resolve_model_path(model))
-    run_server(make_app(translator, card, max_lines, wait_ms=wait_ms), host, port, verbose)
+    run_server(make_app(translator, card, max_lines, wait_ms=wait_ms, max_queue=max_queue), host, port, verbose)
 
 
 @tokenizer_app.command("train")
@@ -457,6 +491,18 @@ def main() -> None:
         rank = os.environ.get("RANK", "0")  # under torchrun, say which process (rank 0 speaks plainly)
         _err(f"error: {exc}" if rank == "0" else f"error (rank {rank}): {exc}")
         sys.exit(exc.exit_code)
+    except OSError as exc:  # files are checked where they are opened; this is the rest (printing to a full disk)
+        _err(f"error: {f'{exc.filename}: ' if exc.filename else ''}{exc.strerror or exc}")
+        _drop_stdout()
+        sys.exit(1)
+
+
+def _drop_stdout() -> None:
+    """What is still buffered for stdout cannot be written either: drop it rather than fail again at exit."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file (a test's StringIO): nothing is flushed at exit
+        pass
 
 
 if __name__ == "__main__":

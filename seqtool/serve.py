@@ -10,7 +10,7 @@ Malformed requests get 400 (413 for an oversized body) with {"error": "..."}; ne
 from __future__ import annotations
 
 import asyncio
-import os
+import ipaddress
 import socket
 import sys
 from contextlib import asynccontextmanager
@@ -20,17 +20,23 @@ from seqtool.errors import SeqtoolError
 from seqtool.translate import Translation, Translator, translation_record
 
 try:
+    import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from pydantic import BaseModel, ConfigDict, ValidationError
     from starlette.exceptions import HTTPException
-except ImportError:  # pragma: no cover - depends on the install
-    raise SeqtoolError("seqtool serve needs fastapi and uvicorn: pip install 'seqtool[serve]'") from None
+except ImportError as exc:  # either one alone is not enough
+    raise SeqtoolError(f"seqtool serve needs fastapi and uvicorn ({exc.name} is missing): "
+                       "pip install 'seqtool[serve]'") from None
 
 
 class TranslateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lines: list[str]
+
+
+class Busy(Exception):
+    """More lines are waiting than the server holds (--max-queue): the client should retry later (503)."""
 
 
 @dataclass
@@ -40,12 +46,18 @@ class Batcher:
     translator: Translator
     max_lines: int
     wait_s: float  # how long the first request of a batch waits for company
+    max_waiting: int = 10_000  # lines queued and not yet taken: beyond it, requests are refused at once
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    stats: dict = field(default_factory=lambda: {"requests": 0, "lines": 0, "batches": 0})
+    waiting: int = 0
+    stats: dict = field(default_factory=lambda: {"requests": 0, "lines": 0, "batches": 0, "refused_busy": 0})
 
     async def translate(self, lines: list[str]) -> list[Translation]:
+        if self.waiting + len(lines) > self.max_waiting:
+            self.stats["refused_busy"] += 1
+            raise Busy(f"server busy: {self.waiting} lines waiting (--max-queue {self.max_waiting}); retry shortly")
         done = asyncio.get_running_loop().create_future()
-        await self.queue.put((lines, done))
+        self.waiting += len(lines)
+        self.queue.put_nowait((lines, done))
         return await done
 
     async def run(self) -> None:
@@ -58,22 +70,63 @@ class Batcher:
                     jobs.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
                 except asyncio.TimeoutError:
                     break
-            lines = [line for job_lines, _ in jobs for line in job_lines]
-            try:
-                results = await asyncio.to_thread(self.translator.translate, lines)
-            except Exception as exc:  # reported to every waiting request, and the server stays up
-                for _, done in jobs:
-                    done.set_exception(exc)
-                continue
-            self.stats["batches"] += 1
-            for job_lines, done in jobs:
-                done.set_result(results[: len(job_lines)])
-                results = results[len(job_lines):]
+            self.waiting -= sum(len(lines) for lines, _ in jobs)
+            await self._decode(jobs)
+
+    async def _decode(self, jobs: list) -> None:
+        """Decode the jobs together; if that fails for any reason, each job alone, so that one request's
+        failure is that request's alone. A job whose client has gone (its future cancelled) is skipped."""
+        jobs = [(lines, done) for lines, done in jobs if not done.done()]
+        if not jobs:
+            return
+        try:
+            results = await asyncio.to_thread(self.translator.translate, [line for lines, _ in jobs for line in lines])
+        except Exception as exc:
+            if len(jobs) > 1:
+                for job in jobs:
+                    await self._decode([job])
+                return
+            _settle(jobs[0][1], exc=exc)
+            return
+        self.stats["batches"] += 1
+        for lines, done in jobs:
+            _settle(done, results[: len(lines)])
+            results = results[len(lines):]
+
+
+def _settle(done: asyncio.Future, result=None, exc: Exception | None = None) -> None:
+    if done.done():  # a cancelled request (the client went away) takes nothing
+        return
+    if exc is None:
+        done.set_result(result)
+    else:
+        done.set_exception(exc)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: Request, max_body: int, timeout_s: float) -> bytes:
+    """The request body, at most `max_body` bytes, whether Content-Length is given or the body comes
+    chunked, and within `timeout_s`: a client trickling its body cannot hold a connection for long."""
+    async def read() -> bytes:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body:
+                raise BodyTooLarge
+        return bytes(body)
+
+    return await asyncio.wait_for(read(), timeout_s)
 
 
 def make_app(translator: Translator, card: dict, max_lines: int = 1000, max_body: int = 1 << 20,
-             wait_ms: float = 5.0) -> FastAPI:
-    batcher = Batcher(translator, max_lines, wait_ms / 1000)
+             wait_ms: float = 5.0, max_queue: int = 10_000, body_timeout_s: float = 10.0) -> FastAPI:
+    batcher = Batcher(translator, max_lines, wait_ms / 1000, max_queue)
+
+    def too_large() -> JSONResponse:
+        return JSONResponse({"error": f"request body over {max_body} bytes"}, status_code=413)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -91,12 +144,12 @@ def make_app(translator: Translator, card: dict, max_lines: int = 1000, max_body
     async def limit_body(request: Request, call_next):
         size = request.headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > max_body):
-            return JSONResponse({"error": f"request body over {max_body} bytes"}, status_code=413)
+            return too_large()
         return await call_next(request)
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", **batcher.stats}
+        return {"status": "ok", **batcher.stats, "waiting": batcher.waiting}
 
     @app.get("/info")
     async def info() -> dict:
@@ -106,9 +159,13 @@ def make_app(translator: Translator, card: dict, max_lines: int = 1000, max_body
     async def translate(request: Request):
         # The body is read as JSON whatever its Content-Type says (curl -d sends form-encoded).
         try:
-            req = TranslateRequest.model_validate_json(await request.body())
+            req = TranslateRequest.model_validate_json(await read_body(request, max_body, body_timeout_s))
         except ValidationError as exc:
             return JSONResponse({"error": _one_line(exc)}, status_code=400)
+        except BodyTooLarge:
+            return too_large()
+        except asyncio.TimeoutError:
+            return JSONResponse({"error": f"request body not received within {body_timeout_s:g} s"}, status_code=408)
         if len(req.lines) > max_lines:
             return JSONResponse({"error": f"lines: at most {max_lines} per request, got {len(req.lines)}"},
                                 status_code=400)
@@ -117,8 +174,14 @@ def make_app(translator: Translator, card: dict, max_lines: int = 1000, max_body
         # A line break inside a line would make it two lines elsewhere in seqtool: treat it as a space.
         try:
             results = await batcher.translate([" ".join(line.splitlines()) for line in req.lines])
+        except Busy as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "1"})
         except SeqtoolError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
+        except Exception as exc:  # a seqtool bug: this request fails with a message, the server stays up
+            message = f"internal error: {type(exc).__name__}: {exc}".splitlines()[0]
+            print(f"seqtool: {message}", file=sys.stderr, flush=True)
+            return JSONResponse({"error": message}, status_code=500)
         return {"translations": [translation_record(t) for t in results]}
 
     return app
@@ -136,15 +199,17 @@ def check_port(host: str, port: int) -> None:
     try:
         with socket.create_server((host, port)):
             pass
-    except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    except OSError as exc:  # socket.gaierror (an unknown host) has a negative errno and its own strerror
+        reason = (exc.strerror or str(exc)).split(" (while attempting")[0]  # create_server adds the address again
         raise SeqtoolError(f"cannot listen on {host}:{port}: {reason}") from None
 
 
 def serve(app: FastAPI, host: str, port: int, verbose: bool) -> None:
-    import uvicorn
-
     check_port(host, port)
     print(f"seqtool: serving on http://{host}:{port} (POST /translate, GET /health, GET /info)", file=sys.stderr,
           flush=True)
+    addresses = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    if not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        print(f"seqtool: {host} is reachable from other machines: anyone who can reach it can use this model",
+              file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning")

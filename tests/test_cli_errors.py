@@ -74,12 +74,46 @@ def test_translate_input_errors(trained_model, tmp_path):
     assert len(proc.stdout.splitlines()) == 2  # the lines before the bad one were translated and kept
 
 
-def test_translate_output_file_not_half_written(trained_model, tmp_path):
+def test_translate_output_file_not_half_written_and_finished_lines_kept(trained_model, tmp_path):
+    """A failure on line N: nothing under the output's name, the N-1 lines done in OUTPUT.partial."""
     bad = tmp_path / "bad.txt"
-    bad.write_bytes(b"zuza.\n\xff\n")
+    bad.write_bytes(b"zuza.\nzobo zuza.\n\xff\n")
     out = tmp_path / "out.txt"
-    proc = run_cli("translate", "-m", str(trained_model), str(bad), "-o", str(out))
-    assert proc.returncode != 0 and not out.exists() and os.listdir(tmp_path) == ["bad.txt"]
+    proc = run_cli("translate", "-m", str(trained_model), str(bad), "-o", str(out), "-b", "1")
+    assert_one_line_error(proc, f"bad.txt:3: invalid UTF-8 at byte 1 (the 2 lines translated before it are in {out}.partial)")
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["bad.txt", "out.txt.partial"]
+    alone = run_cli("translate", "-m", str(trained_model), "-b", "1", input="zuza.\nzobo zuza.\n", check=True)
+    assert (tmp_path / "out.txt.partial").read_text() == alone.stdout
+    first_bad = tmp_path / "first.txt"
+    first_bad.write_bytes(b"\xff\n")
+    proc = run_cli("translate", "-m", str(trained_model), str(first_bad), "-o", str(tmp_path / "none.txt"))
+    assert_one_line_error(proc, "first.txt:1: invalid UTF-8")  # nothing translated: no partial file either
+    assert "partial" not in proc.stderr and not list(tmp_path.glob("none.txt*"))
+
+
+def test_write_errors_on_stdout_are_one_line(trained_model):
+    """A full disk behind stdout (/dev/full): one line, exit 1, no traceback, nothing at exit either."""
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "seqtool", "translate", "-m", str(trained_model), "-b", "1"],
+                              input="zuza.\n" * 50, stdout=full, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 1 and proc.stderr == "seqtool: error: No space left on device\n", proc.stderr
+
+
+def test_nbest_beyond_the_beam_or_with_sampling_is_refused(trained_model):
+    proc = run_cli("translate", "-m", str(trained_model), "--beam", "2", "--nbest", "3", input="a\n")
+    assert_one_line_error(proc, "decoding.nbest 3 is more than decoding.beam_size 2", code=2)
+    proc = run_cli("translate", "-m", str(trained_model), "--sample", "--nbest", "2", input="a\n")
+    assert_one_line_error(proc, "decoding.nbest 2 with decoding.sample: sampling draws one output per line", code=2)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["train", "-c", "/proc/self/mem"], "cannot read /proc/self/mem: Input/output error"),  # unreadable, even for root
+    (["train", "-c", "configs"], "configs is a directory, not a config file"),
+    (["train", "-c", "configs/sample.yaml", "--nproc", "0"], "--nproc must be at least 1, not 0"),
+    (["train", "-c", "configs/sample.yaml", "--nproc", "-2"], "--nproc must be at least 1, not -2"),
+])
+def test_unreadable_config_and_impossible_nproc(args, match):
+    assert_one_line_error(run_cli(*args), match, code=2)
 
 
 def test_crlf_bom_and_long_line_accepted(trained_model, tmp_path):
@@ -123,3 +157,13 @@ def test_no_color_is_respected():
     assert forced.returncode == 2 and colour.search(forced.stderr)  # the check can see colour
     plain = run_cli("translate", "--bogus", env={"FORCE_COLOR": "1", "NO_COLOR": "1"})
     assert plain.returncode == 2 and "No such option" in plain.stderr and not colour.search(plain.stderr)
+
+
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_model_config_error_found_before_any_work(tmp_path, nproc):
+    """A model combination the schema rejects stops train before the tokenizer or the model dir, --nproc too."""
+    cfg = tiny_config(tmp_path / "m", model={"context": "every_step", "copy_source": True, "input_feeding": True})
+    proc = run_cli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg)), "--nproc", nproc)
+    assert_one_line_error(proc, "model.input_feeding applies to luong_* attention only", code=2)
+    assert "copy_source copies by attention" in proc.stderr
+    assert not (tmp_path / "m").exists()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +15,8 @@ import httpx
 import pytest
 
 from conftest import ROOT, run_cli
+from seqtool.serve import make_app
+from seqtool.translate import Translation
 
 
 def _free_port() -> int:
@@ -103,3 +108,176 @@ def test_port_in_use_is_one_line(server, trained_model):
     _, port = server
     proc = run_cli("serve", "-m", str(trained_model), "--port", str(port))
     assert proc.returncode == 1 and proc.stderr == f"seqtool: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+# -- in-process: the batcher under failure and back-pressure -----------------------------------
+class FakeTranslator:
+    """Echoes each line upper-cased; fails on a line 'boom' (a seqtool bug stand-in); can be held."""
+
+    def __init__(self):
+        self.started, self.release = threading.Event(), threading.Event()
+        self.release.set()
+        self.calls = 0
+
+    def translate(self, lines):
+        self.calls += 1
+        self.started.set()
+        assert self.release.wait(30)
+        if "boom" in lines:
+            raise RuntimeError("something inside broke\nsecond line of it")
+        return [Translation(line.upper()) for line in lines]
+
+
+def in_process(app, scenario):
+    """Run `scenario(client)` against the app in this process, its batcher started as the server starts it."""
+    async def main():
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://seqtool") as client:
+                return await asyncio.wait_for(scenario(client), 60)  # a broken server fails, never hangs
+
+    return asyncio.run(main())
+
+
+def test_an_unexpected_error_fails_only_its_own_request():
+    async def scenario(client):
+        return await asyncio.gather(*(client.post("/translate", json={"lines": lines})
+                                      for lines in (["a", "b"], ["boom"], ["c"])))
+
+    replies = in_process(make_app(FakeTranslator(), {}, max_lines=50, wait_ms=200), scenario)
+    assert [r.status_code for r in replies] == [200, 500, 200]
+    assert [t["text"] for t in replies[0].json()["translations"]] == ["A", "B"]
+    assert replies[1].json() == {"error": "internal error: RuntimeError: something inside broke"}
+    assert [t["text"] for t in replies[2].json()["translations"]] == ["C"]
+
+
+def test_a_full_queue_gets_503_at_once_and_the_rest_is_served():
+    fake = FakeTranslator()
+    fake.release.clear()
+
+    async def scenario(client):
+        first = asyncio.create_task(client.post("/translate", json={"lines": ["a", "b", "c"]}))
+        assert await asyncio.to_thread(fake.started.wait, 30)  # being decoded: its lines no longer wait
+        second = asyncio.create_task(client.post("/translate", json={"lines": ["d"] * 5}))
+        while (await client.get("/health")).json()["waiting"] < 5:
+            await asyncio.sleep(0.01)
+        refused = await client.post("/translate", json={"lines": ["e"]})  # while the decoder is still held
+        fake.release.set()
+        return refused, await first, await second, (await client.get("/health")).json()
+
+    refused, first, second, health = in_process(make_app(fake, {}, max_lines=5, wait_ms=0, max_queue=5), scenario)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "server busy: 5 lines waiting" in refused.json()["error"]
+    assert first.status_code == second.status_code == 200
+    assert health["refused_busy"] == 1 and health["waiting"] == 0
+
+
+# -- a real server: abusive clients ------------------------------------------------------------
+def _raw_request(port: int, head: bytes, chunks, pause: float = 0.0) -> bytes:
+    """Send `head` then each chunk (with a pause between) until the server answers; return the reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(head)
+        for chunk in chunks:
+            if select.select([sock], [], [], 0)[0]:  # answered early (413): stop sending, read the answer
+                break
+            sock.sendall(chunk)
+            time.sleep(pause)
+        reply = b""
+        try:
+            while data := sock.recv(65536):
+                reply += data
+        except ConnectionResetError:  # closed on the unread rest of the body, after the answer
+            pass
+        return reply
+
+
+def test_chunked_bodies_are_limited_like_the_others(server):
+    _, port = server
+    head = b"POST /translate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    piece = b'{"lines": ["' + b"a" * 60000
+    chunks = [b"%x\r\n%s\r\n" % (len(piece), piece)] + [b"%x\r\n%s\r\n" % (60000, b"a" * 60000)] * 30 + [b"0\r\n\r\n"]
+    reply = _raw_request(port, head, chunks)
+    assert reply.startswith(b"HTTP/1.1 413") and b"request body over 1048576 bytes" in reply
+    small = b'{"lines": ["seliti roma zefu"]}'
+    reply = _raw_request(port, head, [b"%x\r\n%s\r\n0\r\n\r\n" % (len(small), small)])
+    assert reply.startswith(b"HTTP/1.1 200") and b'"translations"' in reply
+
+
+def test_huge_requests_are_refused_with_a_status_and_a_message(server):
+    url, _ = server
+    many = httpx.post(url + "/translate", content=b'{"lines": [' + b'"",' * (10**6 - 1) + b'""]}', timeout=60)
+    assert many.status_code == 413 and "over 1048576 bytes" in many.json()["error"]
+    long = httpx.post(url + "/translate", content=b'{"lines": ["' + b"zefu " * (2 * 10**6) + b'"]}', timeout=60)
+    assert long.status_code == 413 and "over 1048576 bytes" in long.json()["error"]
+    lines = httpx.post(url + "/translate", json={"lines": [""] * 51}, timeout=60)  # under 1 MB, over --max-lines
+    assert lines.status_code == 400 and "at most 50 per request" in lines.json()["error"]
+
+
+def test_a_slow_client_holds_neither_the_batcher_nor_other_clients(server):
+    url, port = server
+    body = b'{"lines": ["seliti roma zefu"]}'
+    head = b"POST /translate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(_raw_request, port, head, [body[i:i + 1] for i in range(len(body))], 0.1)  # ~3 s
+        time.sleep(0.3)
+        for _ in range(3):  # answered while the slow body trickles in
+            start = time.monotonic()
+            r = httpx.post(url + "/translate", json={"lines": ["fizafa la sa"]}, timeout=60)
+            assert r.status_code == 200 and time.monotonic() - start < 2.5 and not slow.done()
+        assert slow.result().startswith(b"HTTP/1.1 200")
+
+
+def test_a_body_that_never_ends_is_cut_off():
+    fake = FakeTranslator()
+    app = make_app(fake, {}, body_timeout_s=0.5)
+
+    async def stalled():
+        messages = [{"type": "http.request", "body": b'{"lines": ', "more_body": True}]
+        sent = []
+
+        async def receive():
+            if messages:
+                return messages.pop()
+            await asyncio.sleep(3600)  # the rest never comes
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/translate", "headers": [], "query_string": b"",
+                 "http_version": "1.1", "scheme": "http", "server": ("x", 80), "client": ("y", 1), "root_path": ""}
+        async with app.router.lifespan_context(app):
+            await asyncio.wait_for(app(scope, receive, send), 10)
+        return sent
+
+    sent = asyncio.run(stalled())
+    assert sent[0]["status"] == 408 and b"not received within 0.5 s" in sent[1]["body"]
+
+
+def test_binding_beyond_localhost_is_said_and_bad_ports_hosts_are_one_line(trained_model):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "seqtool", "serve", "-m", str(trained_model), "--host", "0.0.0.0",
+                             "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()
+        second = proc.stderr.readline()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert first.startswith(f"seqtool: serving on http://0.0.0.0:{port}")
+    assert "0.0.0.0 is reachable from other machines" in second
+    for args, message in ((["--port", "70000"], "--port must be a TCP port, 1 to 65535, not 70000"),
+                          (["--port", "0"], "--port must be a TCP port"),
+                          (["--host", "no.such.host.invalid"], "cannot listen on no.such.host.invalid:8000: "),
+                          (["--host", "999.1.1.1"], "cannot listen on 999.1.1.1:8000: ")):
+        proc = run_cli("serve", "-m", str(trained_model), *args)
+        assert proc.returncode in (1, 2) and proc.stderr.startswith(f"seqtool: error: {message}"), proc.stderr
+        assert proc.stderr.count("\n") == 1
+
+
+def test_uvicorn_missing_while_fastapi_is_there_is_one_line(trained_model, monkeypatch):
+    from test_fuzz import run_main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now raises ImportError
+    monkeypatch.delitem(sys.modules, "seqtool.serve")
+    code, _, err = run_main("serve", "-m", str(trained_model))
+    assert code == 1 and err == ("seqtool: error: seqtool serve needs fastapi and uvicorn (uvicorn is missing): "
+                                 "pip install 'seqtool[serve]'\n")
