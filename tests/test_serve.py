@@ -281,3 +281,22 @@ def test_uvicorn_missing_while_fastapi_is_there_is_one_line(trained_model, monke
     code, _, err = run_main("serve", "-m", str(trained_model))
     assert code == 1 and err == ("seqtool: error: seqtool serve needs fastapi and uvicorn (uvicorn is missing): "
                                  "pip install 'seqtool[serve]'\n")
+
+
+def test_a_client_that_goes_away_does_not_break_the_batcher():
+    fake = FakeTranslator()
+    fake.release.clear()
+
+    async def scenario(client):
+        first = asyncio.create_task(client.post("/translate", json={"lines": ["a"]}))
+        assert await asyncio.to_thread(fake.started.wait, 30)
+        gone = asyncio.create_task(client.post("/translate", json={"lines": ["b"]}))
+        while (await client.get("/health")).json()["waiting"] < 1:
+            await asyncio.sleep(0.01)
+        gone.cancel()  # the client disconnects while its request waits
+        fake.release.set()
+        await first
+        return await client.post("/translate", json={"lines": ["c"]})
+
+    after = in_process(make_app(fake, {}, max_lines=5, wait_ms=0), scenario)
+    assert after.status_code == 200 and after.json()["translations"][0]["text"] == "C"
