@@ -66,8 +66,13 @@ class Batcher:
             jobs = [await self.queue.get()]
             deadline = loop.time() + self.wait_s
             while sum(len(lines) for lines, _ in jobs) < self.max_lines:
+                try:  # what is already waiting always joins (wait_for with no time left would not take it)
+                    jobs.append(self.queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
                 try:
-                    jobs.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
+                    jobs.append(await asyncio.wait_for(self.queue.get(), deadline - loop.time()))
                 except asyncio.TimeoutError:
                     break
             self.waiting -= sum(len(lines) for lines, _ in jobs)
