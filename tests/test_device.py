@@ -67,9 +67,10 @@ def test_mixed_precision_training_learns_and_keeps_fp32_weights(tmp_path, dtype,
 
 
 def test_quantized_decoding_keeps_lines_and_quality(tmp_path, trained_model):
-    """--quantize: int8 linear and GRU layers; every line answered, BLEU within 2 of fp32 on the sample task."""
-    bleus = bleu_per_flags(trained_model, tmp_path, [["--no-quantize"], ["--quantize"]])
-    assert bleus["--no-quantize"] > 40 and abs(bleus["--quantize"] - bleus["--no-quantize"]) < 2, bleus
+    """--quantize: int8 linear and GRU layers; every line answered, BLEU within the few tenths --help promises
+    (measured: 100.0 fp32, 99.8 int8 on 200 test lines)."""
+    bleus = bleu_per_flags(trained_model, tmp_path, [["--no-quantize"], ["--quantize"]], n=200)
+    assert bleus["--no-quantize"] >= 95 and abs(bleus["--quantize"] - bleus["--no-quantize"]) <= 0.5, bleus
 
 
 def test_quantize_is_refused_off_the_cpu():

@@ -32,12 +32,42 @@ def _check_run_dir(model_dir) -> int:
     return load_state(model_dir / STATE_FILE).progress["step"]
 
 
+def _wait_stopped(pid: int) -> None:
+    """Until the process is really stopped (state T in /proc), so that what it has written can be looked at."""
+    for _ in range(10000):
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                return
+        time.sleep(0.0005)
+    raise AssertionError("the process did not stop")
+
+
+def _kill_mid_write(proc: subprocess.Popen, model_dir, prefix: str, deadline: float) -> str:
+    """SIGKILL `proc` while it writes a file whose temporary name starts with `prefix`: stop it (SIGSTOP) as
+    soon as such a temporary file appears, and kill it only if the file is still there, i.e. the write (or its
+    fsync, or the rename) has not finished; else let it go on and wait for the next write. Returns the name."""
+    while time.time() < deadline:
+        for entry in os.scandir(model_dir) if model_dir.exists() else ():
+            if entry.name.startswith(prefix) and entry.name.endswith(".tmp"):
+                proc.send_signal(signal.SIGSTOP)
+                _wait_stopped(proc.pid)
+                if os.path.exists(entry.path):
+                    proc.send_signal(signal.SIGKILL)
+                    return entry.name
+                proc.send_signal(signal.SIGCONT)
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before a write was caught: {proc.stderr.read()}")
+    raise AssertionError("no write caught in time")
+
+
 def test_kill_9_at_random_moments_never_leaves_a_damaged_file(tmp_path):
+    """Four kills: two land inside a checkpoint write (the training state, then any file; proven by its
+    temporary file still being there), two at random moments. Every file stays whole, --resume goes on."""
     model_dir = tmp_path / "m"
     config = write_config(tmp_path / "c.yaml", tiny_config(model_dir, training=FAST))
     rng = random.Random(20261123)
-    resumed_at = []
-    for round_ in range(4):
+    resumed_at, caught = [], []
+    for round_, how in enumerate([".train_state.safetensors.", "random", ".", "random"]):
         args = [sys.executable, "-m", "seqtool", "train", "-c", str(config), "-q"] + (["--resume"] if round_ else [])
         proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         state = model_dir / STATE_FILE
@@ -45,14 +75,21 @@ def test_kill_9_at_random_moments_never_leaves_a_damaged_file(tmp_path):
         deadline = time.time() + 120
         while not (state.exists() and state.stat().st_mtime_ns != before) and time.time() < deadline:
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 1.0))  # anywhere in the next few checkpoint intervals, mid-write included
-        proc.send_signal(signal.SIGKILL)
+        if how == "random":
+            time.sleep(rng.uniform(0.0, 1.0))  # anywhere in the next few checkpoint intervals
+            proc.send_signal(signal.SIGKILL)
+        else:
+            name = _kill_mid_write(proc, model_dir, how, deadline)
+            caught.append(name)
         proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL
+        if how != "random":
+            assert (model_dir / name).exists()  # the killed writer's temporary file: the kill landed mid-write
         metrics_before = [json.loads(line)["step"] for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
         step = _check_run_dir(model_dir)
         assert step >= metrics_before[-1] - FAST["valid_every"]  # at most one checkpoint interval lost
         resumed_at.append(step)
+    assert caught[0].startswith(".train_state.safetensors.") and len(caught) == 2
     done = run_cli("train", "-c", str(config), "--resume", "--set", f"training.max_steps={resumed_at[-1] + 5}")
     assert done.returncode == 0, done.stderr
     assert f"resuming at step {resumed_at[-1]}" in done.stderr

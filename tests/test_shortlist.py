@@ -121,7 +121,8 @@ def test_shortlist_from_the_cli_keeps_lines_and_quality(trained_model, tmp_path)
     variants = [["--shortlist", "0"], ["--shortlist", "5"], ["--shortlist", "5", "--quantize", "--beam", "1"]]
     bleus = bleu_per_flags(trained_model, tmp_path, variants, n=200)
     full = bleus["--shortlist 0"]
-    assert full > 40 and all(abs(b - full) < 2 for b in bleus.values()), bleus
+    # Tenths of a point, as docs/performance.md measured on Multi30k (measured here: 100.0, 100.0, 99.8).
+    assert full >= 95 and all(abs(b - full) <= 0.5 for b in bleus.values()), bleus
 
 
 def test_a_model_without_a_table_refuses_shortlist_in_one_line(trained_model, tmp_path):

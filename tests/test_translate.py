@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-import time
+import threading
 
 import pytest
 import torch
@@ -67,16 +67,24 @@ def test_read_ahead_chunks_and_reports_errors_after_good_lines():
 
 
 def test_read_ahead_fills_chunks_from_a_steady_source_and_waits_little_for_a_slow_one():
-    def source(pause):
-        for i in range(10):
-            time.sleep(pause)
-            yield str(i)
-
     # A file or a fast pipe: full chunks whatever the thread timing (the batches, and so a shortlist's or
     # int8's outputs, must not change from run to run).
-    assert [len(c) for c in read_ahead(source(0.002), 4)] == [4, 4, 2]
-    # A person typing: each line is its own chunk, answered without waiting for the next.
-    assert [len(c) for c in read_ahead(source(0.05), 4, patience=0.01)] == [1] * 10
+    assert [len(c) for c in read_ahead(iter([str(i) for i in range(10)]), 4)] == [4, 4, 2]
+
+    # A person typing: the next line is not written until the answer to this one came back, so each chunk
+    # must be one line, yielded without waiting for a line that is not coming (it would deadlock).
+    answered = [threading.Event() for _ in range(10)]
+
+    def person():
+        for i in range(10):
+            yield str(i)
+            assert answered[i].wait(30), "a chunk waited for a line that only comes after its answer"
+
+    chunks = []
+    for chunk in read_ahead(person(), 4, patience=0.01):
+        chunks.append(chunk)
+        answered[int(chunk[-1])].set()
+    assert chunks == [[str(i)] for i in range(10)]
 
 
 def test_long_input_truncated_with_warning():
