@@ -317,3 +317,19 @@ def test_a_client_that_goes_away_does_not_break_the_batcher():
 
     after = in_process(make_app(fake, {}, max_lines=5, wait_ms=0), scenario)
     assert after.status_code == 200 and after.json()["translations"][0]["text"] == "C"
+
+
+def test_load_many_clients_every_answer_its_own_lines_in_order(server):
+    """bench/serve_load.py, short: 8 then 32 concurrent clients (single lines and 20-line requests) for 2 s
+    each; every reply must be a 200 with the request's own lines, each translated as when sent alone."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "bench" / "serve_load.py")
+    load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load)
+    url, _ = server
+    expected = load.expected_translations(url, (ROOT / "sample_data" / "test.src").read_text().splitlines()[:20])
+    for clients in (8, 32):
+        row = asyncio.run(load.run_level(url, clients, 2.0, expected, request_lines=20))
+        assert row["errors"] == 0 and row["busy_503"] == 0, row
+        assert row["requests"] >= clients and row["lines"] > row["requests"], row
