@@ -88,7 +88,8 @@ class Tokenizer:
         return [_unescape(self.sp.id_to_piece(i)) for i in ids]
 
     def decode_pieces(self, pieces: list[str]) -> str:
-        return _unescape(self.sp.decode_pieces(pieces))
+        """Pieces -> one line of text, as `decode` (a byte piece <0x0A> is a space, not a line break)."""
+        return _UNSAFE.sub(" ", _unescape(self.sp.decode_pieces(pieces)))
 
     @cached_property
     def unsafe_ids(self) -> list[int]:

@@ -59,3 +59,14 @@ def test_char_type_and_fullwidth_punctuation_kept():
 def test_damaged_tokenizer_bytes():
     with pytest.raises(ModelFileError):
         Tokenizer.from_bytes(b"not a model")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 299), max_size=30))
+def test_any_ids_or_pieces_decode_to_one_printable_line(ids):
+    """Whatever ids a model emits (byte pieces of line feeds, escapes and U+2028 included) or pieces a user
+    hands `tokenizer decode`, the text has no control character and no line separator."""
+    ids = ids + [_BPE.sp.piece_to_id(f"<0x{b:02X}>") for b in (0x0A, 0x0D, 0x1B, 0xE2, 0x80, 0xA8, 0xC2, 0x85)]
+    for text in (_BPE.decode(ids), _BPE.decode_pieces([_BPE.sp.id_to_piece(i) for i in ids])):
+        assert len(text.splitlines()) <= 1 and not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text)
+    assert set(_BPE.unsafe_ids) == {_BPE.sp.piece_to_id(f"<0x{b:02X}>") for b in [*range(0x20), 0x7F]}
