@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,18 @@ def run_cli(*args: str, input: str | bytes | None = None, cwd: Path | None = Non
 # let a broken decoding mode pass a threshold set below it.
 LEARNS = {"model": {"embedding_size": 64, "encoder_hidden_size": 64, "hidden_size": 128},
           "training": {"max_steps": 400, "valid_every": 200}}
+
+
+def readline_within(stream, timeout: float) -> bytes:
+    """One line from an unbuffered binary pipe (Popen bufsize=0), or fail after `timeout` s: never hang."""
+    line, deadline = b"", time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"no line within {timeout} s (got {line!r})"
+        byte = stream.read(1)
+        assert byte, f"the pipe closed (got {line!r})"
+        line += byte
+    return line
 
 
 def tiny_config(model_dir: Path, **sections) -> dict:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import re
-import select
 import subprocess
 import sys
-import time
 
-from conftest import ROOT, SAMPLE, read_metrics, run_cli, tiny_config, write_config
+from conftest import ROOT, SAMPLE, read_metrics, readline_within, run_cli, tiny_config, write_config
 
 
 def test_training_learned_the_sample_task(trained_model):
@@ -90,25 +88,13 @@ def test_translate_output_file_and_json(trained_model, tmp_path):
     assert "".join(first["pieces"]).replace("▁", " ").strip() == first["text"]
 
 
-def _readline(stream, timeout: float) -> bytes:
-    """One line from an unbuffered pipe, or fail after `timeout` seconds (never hang)."""
-    line, deadline = b"", time.monotonic() + timeout
-    while not line.endswith(b"\n"):
-        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
-        assert ready, f"no answer within {timeout} s (got {line!r})"
-        byte = stream.read(1)
-        assert byte, f"the pipe closed (got {line!r})"
-        line += byte
-    return line
-
-
 def test_interactive_pipe_answers_each_line_before_the_next(trained_model):
     proc = subprocess.Popen([sys.executable, "-m", "seqtool", "translate", "-m", str(trained_model)], bufsize=0,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
     try:
         for line in (SAMPLE / "test.src").read_text().splitlines()[:3]:
             proc.stdin.write(line.encode() + b"\n")
-            answer = _readline(proc.stdout, 60)  # that line's translation, flushed before the next line is sent
+            answer = readline_within(proc.stdout, 60)  # that line's translation, flushed before the next line is sent
             assert answer.strip()
         proc.stdin.close()
         assert proc.wait(timeout=60) == 0

@@ -225,3 +225,59 @@ def test_edited_training_states(trained_model, edits):
         state.bundle.model(batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out).backward()
         optimizer.step()
         assert min(progress.step, progress.epoch, progress.batch_in_epoch) >= 0
+
+
+# -- the server's request body ----------------------------------------------------------------
+_TRANSLATORS: dict = {}
+
+
+def _server_app(model_dir):
+    """A fresh app (its own batcher) over one translator per model, loaded once."""
+    from seqtool.checkpoint import load_model
+    from seqtool.serve import make_app
+    from seqtool.translate import Translator
+
+    if model_dir not in _TRANSLATORS:
+        b = load_model(model_dir)
+        decoding = b.config.decoding.model_copy(update={"beam_size": 2})
+        _TRANSLATORS[model_dir] = Translator(b.model, b.src_tok, b.tgt_tok, decoding, with_pieces=True,
+                                             shortlist=b.shortlist)
+    return make_app(_TRANSLATORS[model_dir], {}, max_lines=20, max_body=4096)
+
+
+request_bodies = st.one_of(
+    st.binary(max_size=300),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.dictionaries(st.sampled_from(["lines", "beam", "text"]), json_values | st.lists(st.text(max_size=30), max_size=25),
+                    max_size=2).map(lambda v: json.dumps(v).encode()),
+    st.lists(st.text(max_size=40), max_size=25).map(lambda lines: json.dumps({"lines": lines}).encode()),
+)
+
+
+@FUZZ
+@given(request_bodies, st.sampled_from(["application/json", "text/plain", ""]))
+def test_server_random_request_bodies(trained_model, body, content_type):
+    """POST /translate with any body: a JSON answer with a 200 (one translation per line, each one line)
+    or a 4xx and a one-line error; never a 500."""
+    import asyncio
+
+    import httpx
+
+    app = _server_app(trained_model)
+
+    async def post():
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://seqtool") as client:
+                return await asyncio.wait_for(client.post("/translate", content=body,
+                                                          headers={"content-type": content_type}), 60)
+
+    reply = asyncio.run(post())
+    data = reply.json()
+    if reply.status_code == 200:
+        lines = json.loads(body)["lines"]
+        assert len(data["translations"]) == len(lines)
+        for line, t in zip(lines, data["translations"]):
+            assert len(t["text"].splitlines()) <= 1 and (t["text"] == "" or line.strip())
+    else:
+        assert reply.status_code in (400, 413), (reply.status_code, data)
+        assert isinstance(data["error"], str) and "\n" not in data["error"]

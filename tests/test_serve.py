@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, readline_within, run_cli
 from seqtool.serve import make_app
 from seqtool.translate import Translation
 
@@ -272,15 +272,14 @@ def test_a_body_that_never_ends_is_cut_off():
 def test_binding_beyond_localhost_is_said_and_bad_ports_hosts_are_one_line(trained_model):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "seqtool", "serve", "-m", str(trained_model), "--host", "0.0.0.0",
-                             "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
     try:
-        first = proc.stderr.readline()
-        second = proc.stderr.readline()
+        first, second = readline_within(proc.stderr, 120), readline_within(proc.stderr, 30)  # a missing line fails, never hangs
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    assert first.startswith(f"seqtool: serving on http://0.0.0.0:{port}")
-    assert "0.0.0.0 is reachable from other machines" in second
+    assert first.startswith(f"seqtool: serving on http://0.0.0.0:{port}".encode())
+    assert b"0.0.0.0 is reachable from other machines" in second
     for args, message in ((["--port", "70000"], "--port must be a TCP port, 1 to 65535, not 70000"),
                           (["--port", "0"], "--port must be a TCP port"),
                           (["--host", "no.such.host.invalid"], "cannot listen on no.such.host.invalid:8000: "),
