@@ -147,8 +147,11 @@ def test_help_teaches():
 
 
 def test_shell_completion_script():
-    proc = run_cli("--show-completion", "bash")
-    assert proc.returncode == 0 and "complete " in proc.stdout and "seqtool" in proc.stdout
+    # --show-completion finds the shell among its ancestors: run it from a bash that stays its parent
+    # ('; exit' keeps bash from exec-ing python), or it fails wherever the test runner has no shell above it.
+    proc = subprocess.run(["bash", "-c", f"{sys.executable} -m seqtool --show-completion; exit $?"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "complete " in proc.stdout and "seqtool" in proc.stdout, proc.stderr
 
 
 def test_no_color_is_respected():
