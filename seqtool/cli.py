@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from seqtool.errors import ConfigError, SeqtoolError
+from seqtool.errors import ConfigError, SeqtoolError, one_line
 
 app = typer.Typer(
     help="Train, run and score RNN sequence-to-sequence models for text.\n\n"
@@ -32,7 +32,7 @@ ShortlistOpt = typer.Option(None, "--shortlist", help="Cut the output layer to e
 
 
 def _err(message: str) -> None:
-    print(f"seqtool: {message}", file=sys.stderr, flush=True)
+    print(f"seqtool: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 @app.command()

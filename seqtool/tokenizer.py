@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 import sentencepiece as spm
 
 from seqtool.config import TokenizerConfig
-from seqtool.errors import DataError, ModelFileError, SeqtoolError
+from seqtool.errors import LINE_BREAKERS, DataError, ModelFileError, SeqtoolError
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
@@ -20,10 +20,6 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 # lost. It travels escaped as two private-use characters instead; the escape character escapes itself.
 _ESC, _ESC_SELF, _ESC_MARK = "\ue000", "\ue001", "\ue002"
 _ESCAPED = re.compile(_ESC + "([" + _ESC_SELF + _ESC_MARK + "])")
-# Characters that must never reach an output line: control characters (Unicode Cc: line feed, carriage
-# return, escape, NEL, ...) and the line and paragraph separators. Each would break the promise of one
-# output line per input line (str.splitlines splits on several of them) or reach a terminal as a command.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _escape(text: str) -> str:
@@ -81,7 +77,7 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         """Ids -> one line of text. The search never picks an `unsafe_ids` piece; byte pieces that only
         together spell a separator (U+2028 is three bytes) are caught here: each such character is a space."""
-        return _UNSAFE.sub(" ", _unescape(self.sp.decode(ids)))
+        return LINE_BREAKERS.sub(" ", _unescape(self.sp.decode(ids)))
 
     def id_pieces(self, ids: list[int]) -> list[str]:
         """Each id's piece as text (a literal U+2581 shown as itself, the word marker as '▁')."""
@@ -89,7 +85,7 @@ class Tokenizer:
 
     def decode_pieces(self, pieces: list[str]) -> str:
         """Pieces -> one line of text, as `decode` (a byte piece <0x0A> is a space, not a line break)."""
-        return _UNSAFE.sub(" ", _unescape(self.sp.decode_pieces(pieces)))
+        return LINE_BREAKERS.sub(" ", _unescape(self.sp.decode_pieces(pieces)))
 
     @cached_property
     def unsafe_ids(self) -> list[int]:
@@ -100,9 +96,9 @@ class Tokenizer:
             piece = self.sp.id_to_piece(i)
             if self.sp.is_byte(i):
                 byte = int(piece[3:5], 16)  # <0xNN>; from 0x80 on, bytes are parts of longer characters
-                if byte < 0x80 and _UNSAFE.match(chr(byte)):
+                if byte < 0x80 and LINE_BREAKERS.match(chr(byte)):
                     out.append(i)
-            elif not self.sp.is_control(i) and _UNSAFE.search(piece):
+            elif not self.sp.is_control(i) and LINE_BREAKERS.search(piece):
                 out.append(i)
         return out
 

@@ -170,3 +170,23 @@ def test_model_config_error_found_before_any_work(tmp_path, nproc):
     assert_one_line_error(proc, "model.input_feeding applies to luong_* attention only", code=2)
     assert "copy_source copies by attention" in proc.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_an_error_is_one_line_whatever_the_file_name_or_the_file_holds(trained_model, tmp_path):
+    """A file name with a line break, a damaged header whose version string holds U+001E (a line boundary
+    for str.splitlines; found by the header fuzzer): escaped, one line still."""
+    import json
+    import struct
+
+    proc = run_cli("translate", "-m", str(tmp_path / "a\nb.safetensors"), input="x\n")
+    assert_one_line_error(proc, "model file not found: ")
+    assert "a\\nb.safetensors" in proc.stderr
+    data = (trained_model / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"]["format_version"] = "\x1e\x1b[31m"
+    text = json.dumps(header).encode()
+    (tmp_path / "v.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+    proc = run_cli("info", str(tmp_path / "v.safetensors"))
+    assert_one_line_error(proc, "has seqtool model format version \\x1e\\x1b[31m; this seqtool reads version 1")
+    assert proc.stderr.count("\n") == 1 and len(proc.stderr.splitlines()) == 1
