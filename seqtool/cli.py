@@ -31,6 +31,9 @@ QuantizeOpt = typer.Option(None, "--quantize/--no-quantize", help="int8 weights 
 ShortlistOpt = typer.Option(None, "--shortlist", help="Cut the output layer to each source token's N likeliest target tokens (learned when training) + the most frequent ones: faster decoding; 0 = whole vocabulary (decoding.shortlist).")
 
 
+INTERNAL_ERROR = 70  # sysexits' EX_SOFTWARE: not the user's mistake, and never mistaken for one (1, 2)
+
+
 def _err(message: str) -> None:
     print(f"seqtool: {one_line(message)}", file=sys.stderr, flush=True)
 
@@ -495,6 +498,11 @@ def main() -> None:
         _err(f"error: {f'{exc.filename}: ' if exc.filename else ''}{exc.strerror or exc}")
         _drop_stdout()
         sys.exit(1)
+    except Exception as exc:  # a seqtool bug: one line for the user, the traceback on request
+        if os.environ.get("SEQTOOL_TRACEBACK"):
+            raise
+        _err(f"internal error: {type(exc).__name__}: {exc} (a bug in seqtool; SEQTOOL_TRACEBACK=1 shows where)")
+        sys.exit(INTERNAL_ERROR)
 
 
 def _drop_stdout() -> None:

@@ -190,3 +190,22 @@ def test_an_error_is_one_line_whatever_the_file_name_or_the_file_holds(trained_m
     proc = run_cli("info", str(tmp_path / "v.safetensors"))
     assert_one_line_error(proc, "has seqtool model format version \\x1e\\x1b[31m; this seqtool reads version 1")
     assert proc.stderr.count("\n") == 1 and len(proc.stderr.splitlines()) == 1
+
+
+def test_a_bug_is_one_line_with_its_own_exit_code(trained_model, monkeypatch):
+    """An exception that is not a user error (a seqtool bug) is one line and exit 70; SEQTOOL_TRACEBACK=1
+    shows the traceback to whoever debugs it."""
+    from test_fuzz import run_main
+
+    import seqtool.checkpoint
+
+    def broken(*args):
+        raise RuntimeError("model card\nexploded")
+
+    monkeypatch.setattr(seqtool.checkpoint, "model_card", broken)
+    code, _, err = run_main("info", str(trained_model))
+    assert code == 70 and err == ("seqtool: internal error: RuntimeError: model card\\nexploded "
+                                  "(a bug in seqtool; SEQTOOL_TRACEBACK=1 shows where)\n")
+    monkeypatch.setenv("SEQTOOL_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="exploded"):
+        run_main("info", str(trained_model))
