@@ -162,9 +162,19 @@ def _tokenizer(tensors: dict[str, torch.Tensor], name: str, word: bool, path: Pa
     return Tokenizer.from_bytes(blob.numpy().tobytes(), word)
 
 
+def _as_checked_now(raw: Any) -> Any:
+    """A saved config, for this seqtool's checks. Files from before decoding.nbest was checked against the
+    beam may hold a larger nbest (or one with sampling), which decoding silently capped: cap it the same way,
+    so that such a model still loads and decodes as it did."""
+    d = raw.get("decoding") if isinstance(raw, dict) else None
+    if isinstance(d, dict) and type(d.get("nbest")) is int and type(d.get("beam_size")) is int:
+        d["nbest"] = 1 if d.get("sample") is True else min(d["nbest"], max(d["beam_size"], 1))
+    return raw
+
+
 def bundle_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> ModelBundle:
     try:
-        config = validate(meta.get("config"))
+        config = validate(_as_checked_now(meta.get("config")))
     except ConfigError as exc:
         raise ModelFileError(f"{path}: its config is not valid for this seqtool ({exc})") from None
     info = meta.get("info") or {}
@@ -255,6 +265,7 @@ def save_state(path: Path, state: TrainState) -> None:
 
 
 SLOTS = ("exp_avg", "exp_avg_sq")  # Adam's per-parameter moments: the parameter's shape and dtype
+SCALER_KEYS = {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}  # GradScaler's
 
 
 def load_state(path: Path) -> TrainState:
@@ -267,8 +278,8 @@ def load_state(path: Path) -> TrainState:
     problems = []
     for name, value in tensors.items():
         if name.startswith("optim."):
-            _, pid, slot = name.split(".", 2)
-            index = int(pid) if pid.isdigit() else -1
+            _, pid, slot = (name.split(".", 2) + ["", ""])[:3]  # optim.INDEX.SLOT
+            index = int(pid) if pid.isascii() and pid.isdigit() else -1
             if not 0 <= index < len(params):
                 problems.append(f"{name}: no such parameter")
             elif slot in SLOTS and (value.shape != params[index].shape or value.dtype != params[index].dtype):
@@ -287,8 +298,8 @@ def load_state(path: Path) -> TrainState:
     if "cuda" in rng and (rng["cuda"].dtype != torch.uint8 or rng["cuda"].dim() != 1):
         problems.append("damaged CUDA random generator state")
     scaler = meta.get("scaler") or {}
-    if not isinstance(scaler, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                               for v in scaler.values()):
+    if not isinstance(scaler, dict) or (scaler and set(scaler) != SCALER_KEYS) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in scaler.values()):
         problems.append("damaged gradient scaler state")
     if not isinstance(meta.get("progress"), dict):
         problems.append("no progress record")

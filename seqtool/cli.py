@@ -203,39 +203,52 @@ def translate(
 
 def _translate_to_file(translator, lines, output: Path, fmt: str, each) -> int:
     """Write under a temporary name and rename when complete, so the real name never holds half an output.
-    If anything stops it (bad input on line N, a full disk, Ctrl-C), the lines already translated are
+    If anything stops it (bad input on line N, a full disk, Ctrl-C, a bug), the lines already translated are
     kept in OUTPUT.partial, whole lines only, and the error says so."""
     from seqtool.translate import translate_stream
 
-    tmp = output.with_name(f".{output.name}.tmp")
+    tmp, partial = output.with_name(f".{output.name}.tmp"), output.with_name(output.name + ".partial")
+    partial.unlink(missing_ok=True)  # an earlier run's: it would be taken for this one's
     try:
         with open(tmp, "w", encoding="utf-8") as out:
             n = translate_stream(translator, lines, out, fmt, each)
         os.replace(tmp, output)
         return n
-    except OSError as exc:
-        raise SeqtoolError(f"cannot write {output}: {exc.strerror}{_kept(tmp, output)}") from None
-    except SeqtoolError as exc:
-        raise type(exc)(f"{exc}{_kept(tmp, output)}") from None
-    except KeyboardInterrupt:
-        _err(f"interrupted{_kept(tmp, output)}")
+    except BaseException as exc:
+        kept = _kept(tmp, partial)
+        if isinstance(exc, SeqtoolError):
+            raise type(exc)(f"{exc}{kept}") from None
+        if isinstance(exc, OSError):
+            raise SeqtoolError(f"cannot write {output}: {exc.strerror}{kept}") from None
+        if kept:  # Ctrl-C or a bug: say where the finished lines are, then let it take its course
+            _err(f"stopped{kept}")
         raise
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _kept(tmp: Path, output: Path) -> str:
-    """Move the whole lines of an unfinished output to OUTPUT.partial; the words to add to the error."""
+def _kept(tmp: Path, partial: Path) -> str:
+    """Keep the whole lines of an unfinished output as `partial` (cut after its last line break, renamed,
+    never read into memory); the words to add to the error."""
     try:
-        data = tmp.read_bytes()
-        done = data[: data.rfind(b"\n") + 1]
-        if not done:
+        with open(tmp, "rb+") as f:
+            end = f.seek(0, os.SEEK_END)
+            while end > 0:  # back to just after the last b"\n"
+                start = max(0, end - (1 << 16))
+                f.seek(start)
+                at = f.read(end - start).rfind(b"\n")
+                if at >= 0:
+                    end = start + at + 1
+                    break
+                end = start
+            f.truncate(end)
+        if end == 0:
             return ""
-        partial = output.with_name(output.name + ".partial")
-        partial.write_bytes(done)
+        with open(tmp, "rb") as f:
+            count = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+        os.replace(tmp, partial)
     except OSError:
         return ""
-    count = done.count(b"\n")
     return f" (the {count} lines translated before it are in {partial})"
 
 
@@ -488,6 +501,11 @@ def tokenizer_decode(input: str = typer.Argument("-", help="Pieces file, or '-' 
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit code, never a traceback."""
+    # Text in and out is UTF-8 whatever the locale says (inputs are read as UTF-8 too): a C or Latin-1
+    # locale would fail on the first Chinese character written.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8")
     try:
         app()  # Typer handles --help, usage errors (exit 2), Ctrl-C and a closed stdout (quiet exit 1)
     except SeqtoolError as exc:
@@ -499,6 +517,11 @@ def main() -> None:
         _drop_stdout()
         sys.exit(1)
     except Exception as exc:  # a seqtool bug: one line for the user, the traceback on request
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
+                "can't allocate memory" in str(exc):  # Python's, torch's CUDA one, torch's CPU allocator's
+            _err("error: out of memory; use smaller batches (training.batch_tokens, decoding.batch_size or "
+                 "--batch-size) or a smaller model")
+            sys.exit(1)
         if os.environ.get("SEQTOOL_TRACEBACK"):
             raise
         _err(f"internal error: {type(exc).__name__}: {exc} (a bug in seqtool; SEQTOOL_TRACEBACK=1 shows where)")

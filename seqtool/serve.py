@@ -1,10 +1,12 @@
 """An HTTP JSON API over a Translator (FastAPI): lines from concurrent requests are decoded together.
 
     POST /translate  {"lines": ["...", ...]}  ->  {"translations": [{"text", "nbest", "pieces", ...}]}
-    GET  /health     ->  {"status": "ok", "requests": N, "lines": N, "batches": N}
+    GET  /health     ->  {"status": "ok", "requests": N, "lines": N, "batches": N, "refused_busy": N, "waiting": N}
     GET  /info       ->  the model card (as `seqtool info --json`)
 
-Malformed requests get 400 (413 for an oversized body) with {"error": "..."}; never a 500.
+Every error is {"error": "one line"}: 400 for a malformed request, 413 for a body over the limit, 408 for
+a body too slow to arrive, 503 when too many lines wait; 500 only for a seqtool bug, and only for the
+request that met it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from seqtool.errors import SeqtoolError
+from seqtool.errors import SeqtoolError, one_line
 from seqtool.translate import Translation, Translator, translation_record
 
 try:
@@ -25,6 +27,7 @@ try:
     from fastapi.responses import JSONResponse
     from pydantic import BaseModel, ConfigDict, ValidationError
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 except ImportError as exc:  # either one alone is not enough
     raise SeqtoolError(f"seqtool serve needs fastapi and uvicorn ({exc.name} is missing): "
                        "pip install 'seqtool[serve]'") from None
@@ -55,6 +58,8 @@ class Batcher:
         if self.waiting + len(lines) > self.max_waiting:
             self.stats["refused_busy"] += 1
             raise Busy(f"server busy: {self.waiting} lines waiting (--max-queue {self.max_waiting}); retry shortly")
+        self.stats["requests"] += 1
+        self.stats["lines"] += len(lines)
         done = asyncio.get_running_loop().create_future()
         self.waiting += len(lines)
         self.queue.put_nowait((lines, done))
@@ -64,19 +69,24 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             jobs = [await self.queue.get()]
+            taken = len(jobs[0][0])
             deadline = loop.time() + self.wait_s
-            while sum(len(lines) for lines, _ in jobs) < self.max_lines:
+            while taken < self.max_lines:
                 try:  # what is already waiting always joins (wait_for with no time left would not take it)
-                    jobs.append(self.queue.get_nowait())
-                    continue
+                    job = self.queue.get_nowait()
                 except asyncio.QueueEmpty:
-                    pass
-                try:
-                    jobs.append(await asyncio.wait_for(self.queue.get(), deadline - loop.time()))
-                except asyncio.TimeoutError:
-                    break
-            self.waiting -= sum(len(lines) for lines, _ in jobs)
-            await self._decode(jobs)
+                    try:
+                        job = await asyncio.wait_for(self.queue.get(), deadline - loop.time())
+                    except asyncio.TimeoutError:
+                        break
+                jobs.append(job)
+                taken += len(job[0])
+            self.waiting -= taken
+            try:
+                await self._decode(jobs)
+            except Exception as exc:  # never lose the worker: whatever went wrong goes to these requests
+                for _, done in jobs:
+                    _settle(done, exc=exc)
 
     async def _decode(self, jobs: list) -> None:
         """Decode the jobs together; if that fails for any reason, each job alone, so that one request's
@@ -85,7 +95,7 @@ class Batcher:
         if not jobs:
             return
         try:
-            results = await asyncio.to_thread(self.translator.translate, [line for lines, _ in jobs for line in lines])
+            results = await asyncio.to_thread(_translate, self.translator, [line for lines, _ in jobs for line in lines])
         except Exception as exc:
             if len(jobs) > 1:
                 for job in jobs:
@@ -97,6 +107,13 @@ class Batcher:
         for lines, done in jobs:
             _settle(done, results[: len(lines)])
             results = results[len(lines):]
+
+
+def _translate(translator: Translator, lines: list[str]) -> list[Translation]:
+    try:
+        return translator.translate(lines)
+    except StopIteration as exc:  # asyncio cannot carry StopIteration through a future: the request would hang
+        raise RuntimeError(f"StopIteration: {exc}") from None
 
 
 def _settle(done: asyncio.Future, result=None, exc: Exception | None = None) -> None:
@@ -171,11 +188,11 @@ def make_app(translator: Translator, card: dict, max_lines: int = 1000, max_body
             return too_large()
         except asyncio.TimeoutError:
             return JSONResponse({"error": f"request body not received within {body_timeout_s:g} s"}, status_code=408)
+        except ClientDisconnect:  # gone before its body was whole: nobody to answer
+            return JSONResponse({"error": "client disconnected"}, status_code=400)
         if len(req.lines) > max_lines:
             return JSONResponse({"error": f"lines: at most {max_lines} per request, got {len(req.lines)}"},
                                 status_code=400)
-        batcher.stats["requests"] += 1
-        batcher.stats["lines"] += len(req.lines)
         # A line break inside a line would make it two lines elsewhere in seqtool: treat it as a space.
         try:
             results = await batcher.translate([" ".join(line.splitlines()) for line in req.lines])
@@ -184,7 +201,7 @@ def make_app(translator: Translator, card: dict, max_lines: int = 1000, max_body
         except SeqtoolError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         except Exception as exc:  # a seqtool bug: this request fails with a message, the server stays up
-            message = f"internal error: {type(exc).__name__}: {exc}".splitlines()[0]
+            message = one_line(f"internal error: {type(exc).__name__}: {exc}".splitlines()[0])
             print(f"seqtool: {message}", file=sys.stderr, flush=True)
             return JSONResponse({"error": message}, status_code=500)
         return {"translations": [translation_record(t) for t in results]}
@@ -213,8 +230,11 @@ def serve(app: FastAPI, host: str, port: int, verbose: bool) -> None:
     check_port(host, port)
     print(f"seqtool: serving on http://{host}:{port} (POST /translate, GET /health, GET /info)", file=sys.stderr,
           flush=True)
-    addresses = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
-    if not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+    try:  # "" binds every interface, as 0.0.0.0 does
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)} if host else set()
+    except OSError:
+        addresses = set()
+    if not addresses or not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
         print(f"seqtool: {host} is reachable from other machines: anyone who can reach it can use this model",
               file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning")

@@ -73,7 +73,10 @@ def restore_rng(states: dict[str, torch.Tensor], device: torch.device) -> bool:
     generator then starts from the seed, and dropout masks differ from an uninterrupted run)."""
     torch.set_rng_state(states["torch"])
     if device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"], device)
+        try:
+            torch.cuda.set_rng_state(states["cuda"], device)
+        except RuntimeError:  # a state of another size: not this torch's CUDA generator
+            raise ModelFileError("--resume: the saved CUDA generator state does not fit this GPU's generator") from None
     return device.type != "cuda" or "cuda" in states
 
 
@@ -498,9 +501,14 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
         trainer.optimizer.load_state_dict({"state": saved.optimizer,
                                            "param_groups": trainer.optimizer.state_dict()["param_groups"]})
         if not restore_rng(saved.rng, precision.device):
-            reporter.log("the saved state has no CUDA generator (it trained on the CPU): dropout continues from a fresh seed")
-        if trainer.scaler.is_enabled() and saved.scaler:
-            trainer.scaler.load_state_dict(saved.scaler)
+            reporter.log("the saved state has no CUDA generator (it trained on the CPU, or an older seqtool saved it): "
+                         "dropout continues from a fresh seed")
+        if trainer.scaler.is_enabled():
+            if saved.scaler:
+                trainer.scaler.load_state_dict(saved.scaler)
+            else:
+                reporter.log("the saved state has no loss scale (it trained without fp16, or an older seqtool saved it): "
+                             "fp16 loss scaling starts afresh")
         reporter.log(f"resuming at step {progress.step} (epoch {progress.epoch})")
     if ranks.parallel:  # the same weights everywhere (DDP checked), but different dropout masks per rank
         torch.manual_seed(cfg.training.seed + 1000 * ranks.rank + progress.step)

@@ -113,3 +113,56 @@ def test_separate_vocabularies_travel_in_the_file(tmp_path):
     loaded = load_model(tmp_path / "m.safetensors")
     assert loaded.src_tok.model_bytes == src_tok.model_bytes and loaded.tgt_tok.model_bytes == tgt_tok.model_bytes
     assert loaded.src_tok is not loaded.tgt_tok
+
+
+def _resaved(path, edit_meta=None, rename=None):
+    """The safetensors file at `path` saved again with its metadata or tensor names edited."""
+    from safetensors import safe_open
+    from safetensors.torch import load as st_load
+
+    data = path.read_bytes()
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = st_load(data)
+    if edit_meta:
+        edit_meta(meta)
+    for old, new in (rename or {}).items():
+        tensors[new] = tensors.pop(old)
+    path.write_bytes(st_save(tensors, metadata=meta))
+
+
+def test_a_model_saved_with_nbest_above_its_beam_still_loads_as_before(bundle, tmp_path):
+    """Older files may hold decoding.nbest above beam_size, which decoding then capped: they load, capped."""
+    path = tmp_path / "old.safetensors"
+    save_model(path, bundle)
+
+    def old_decoding(meta):
+        config = json.loads(meta["config"])
+        config["decoding"].update(beam_size=1, nbest=4)
+        meta["config"] = json.dumps(config)
+
+    _resaved(path, old_decoding)
+    assert load_model(path).config.decoding.nbest == 1
+
+
+def test_damaged_training_states_are_one_error(tmp_path):
+    """Names, scaler states and generator states a damaged file may hold, each refused by load_state."""
+    from conftest import tiny_config
+    from seqtool.checkpoint import STATE_FILE, load_state
+    from seqtool.train import run_training
+
+    run_training(validate(tiny_config(tmp_path / "m", training={"max_steps": 2, "valid_every": 2,
+                                                                 "valid_max_sentences": 5})), quiet=True)
+    good = (tmp_path / "m" / STATE_FILE).read_bytes()
+    slot = next(n for n in __import__("safetensors.torch", fromlist=["load"]).load(good) if n.startswith("optim."))
+    cases = [({}, {slot: "optim.5"}), ({}, {slot: "optim.\u00b2.exp_avg"}), ({"scaler": json.dumps({"scale": 2.0})}, {}),
+             ({"progress": json.dumps({"step": -3})}, {})]
+    for meta_update, rename in cases:
+        path = tmp_path / "state.safetensors"
+        path.write_bytes(good)
+        _resaved(path, lambda meta: meta.update(meta_update), rename)
+        with pytest.raises(ModelFileError, match="damaged training state"):
+            state = load_state(path)
+            from seqtool.train import Progress
+
+            Progress.restored(state.progress, path)

@@ -84,6 +84,9 @@ def test_translate_output_file_not_half_written_and_finished_lines_kept(trained_
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["bad.txt", "out.txt.partial"]
     alone = run_cli("translate", "-m", str(trained_model), "-b", "1", input="zuza.\nzobo zuza.\n", check=True)
     assert (tmp_path / "out.txt.partial").read_text() == alone.stdout
+    ok = run_cli("translate", "-m", str(trained_model), "-b", "1", "-o", str(out), input="zuza.\n", check=True)
+    assert ok.returncode == 0 and out.read_text() == alone.stdout.splitlines(keepends=True)[0]
+    assert not (tmp_path / "out.txt.partial").exists()  # an earlier run's partial output is not left to mislead
     first_bad = tmp_path / "first.txt"
     first_bad.write_bytes(b"\xff\n")
     proc = run_cli("translate", "-m", str(trained_model), str(first_bad), "-o", str(tmp_path / "none.txt"))
@@ -209,3 +212,12 @@ def test_a_bug_is_one_line_with_its_own_exit_code(trained_model, monkeypatch):
     monkeypatch.setenv("SEQTOOL_TRACEBACK", "1")
     with pytest.raises(RuntimeError, match="exploded"):
         run_main("info", str(trained_model))
+
+
+def test_output_is_utf8_whatever_the_locale(trained_model):
+    """A Latin-1 stdout (PYTHONIOENCODING, or a C locale on old Pythons) cannot encode CJK: seqtool writes
+    UTF-8 anyway, as it reads."""
+    proc = run_cli("tokenizer", "decode", "-m", str(trained_model), input="\u2581\u4e2d\u6587\n",
+                   env={"PYTHONIOENCODING": "latin-1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "\u4e2d\u6587" in proc.stdout
