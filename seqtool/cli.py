@@ -113,7 +113,7 @@ def _decoding(bundle, overrides: List[str], flags: dict):
 
 
 def _translator(model: Path, overrides: List[str], flags: dict, quiet: bool, verbose: bool = False,
-                attention: bool = False, bundle=None, pieces: bool = False):
+                attention: bool = False, bundle=None, pieces: bool = False, **controls):
     """A Translator for the model at `model` (or the already loaded `bundle`) with decoding flags applied."""
     from seqtool.checkpoint import load_model
     from seqtool.device import pick_device, quantized, release_freed_memory
@@ -134,7 +134,7 @@ def _translator(model: Path, overrides: List[str], flags: dict, quiet: bool, ver
         _err("decoding: " + " ".join(f"{k}={v}" for k, v in decoding.model_dump().items()))
     return Translator(net, bundle.src_tok, bundle.tgt_tok, decoding, bundle.config.data.truncate_src,
                       warn=(lambda m: None) if quiet else _err, with_attention=attention, with_pieces=pieces,
-                      shortlist=bundle.shortlist)
+                      shortlist=bundle.shortlist, **controls)
 
 
 ModelOpt = typer.Option(..., "--model", "-m", help="A model file, or a model dir (uses its model.safetensors).")
@@ -158,6 +158,10 @@ def translate(
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample within the smallest set of this probability mass."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling (same seed, same output)."),
     fmt: str = typer.Option("text", "--format", help="text: one line per input; json: one JSON object per input with n-best, scores and pieces."),
+    input_format: str = typer.Option("text", "--input-format", help='text: one sentence per line; jsonl: one JSON object per line, {"text": ..., "prefix": ..., "constraints": [...], "avoid": [...]}, every field but text optional.'),
+    prefix: Optional[str] = typer.Option(None, "--prefix", help="Every output begins with this text (a jsonl line's own prefix wins)."),
+    drop_prefix: bool = typer.Option(False, "--drop-prefix", help="Write the outputs without their prefix."),
+    avoid_file: Optional[Path] = typer.Option(None, "--avoid-file", help="Phrases no output may hold, one per line (besides a jsonl line's own avoid list)."),
     attention: bool = typer.Option(False, "--attention", help="Add each output's attention weights to --format json (attention models)."),
     device: Optional[str] = DeviceOpt,
     quantize: Optional[bool] = QuantizeOpt,
@@ -176,21 +180,26 @@ def translate(
         cat test.src | seqtool translate -m runs/sample --beam 5
 
         head -3 test.src | seqtool translate -m runs/sample --format json --attention-plot attn/
+
+        echo '{"text": "seliti roma lasa.", "prefix": "voba", "constraints": ["Kevi"]}' | seqtool translate -m runs/sample --input-format jsonl
     """
-    from seqtool.data import iter_lines
-    from seqtool.translate import translate_stream
+    from seqtool.data import iter_lines, read_lines
+    from seqtool.translate import parse_jsonl, translate_stream
 
     if fmt not in ("text", "json"):
         raise SeqtoolError(f"--format must be text or json, not {fmt!r}")
+    if input_format not in ("text", "jsonl"):
+        raise SeqtoolError(f"--input-format must be text or jsonl, not {input_format!r}")
     if attention and fmt != "json":
         raise SeqtoolError("--attention adds weights to JSON output: use it with --format json")
     flags = {"beam_size": beam, "nbest": nbest, "batch_size": batch_size, "length_penalty": length_penalty,
              "sample": sample or None, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
              "device": device, "quantize": quantize, "shortlist": shortlist}
+    avoid = tuple(line for line in read_lines(avoid_file) if line.strip()) if avoid_file is not None else ()
     translator = _translator(model, overrides, flags, quiet, verbose, attention or attention_plot is not None,
-                             pieces=fmt == "json")
+                             pieces=fmt == "json", prefix=prefix or "", avoid=avoid, drop_prefix=drop_prefix)
     each = _attention_plotter(attention_plot) if attention_plot is not None else None
-    lines = iter_lines(input)
+    lines = iter_lines(input) if input_format == "text" else parse_jsonl(iter_lines(input))
     start = time.monotonic()
     if output is None:
         n = translate_stream(translator, lines, sys.stdout, fmt, each)

@@ -2,22 +2,22 @@
 
 Both return, per source sentence, a list of hypotheses (best first); tokens exclude EOS.
 With a shortlist (`BatchVocab`), tokens are positions in its ids until the results are mapped back.
-`Rules` say what the next token may be: length limits, tokens never generated, tokens forced at
-a position (couplets: exact length, punctuation copied in place) and n-gram repeat blocking.
+What the next token may be is the business of `Rules` (seqtool.constraints): the search asks them to
+mask each step's scores and carries their per-hypothesis state along with its own (`Rows`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
 
 import torch
 
+from seqtool.constraints import NEG, Rules
+from seqtool.model.decoder import DecoderState
 from seqtool.model.seq2seq import Seq2Seq
 from seqtool.shortlist import BatchVocab
-from seqtool.tokenizer import BOS, EOS, PAD, UNK
-
-NEG = float("-inf")
+from seqtool.tokenizer import BOS, EOS
 
 
 @dataclass
@@ -33,86 +33,26 @@ def length_penalty(length: int, alpha: float) -> float:
 
 
 @dataclass
-class Rules:
-    """Per-sentence constraints on the next token, applied to the log-probabilities of each step."""
+class Rows:
+    """Everything a search keeps per hypothesis (row), reordered together by `select`."""
 
-    min_len: torch.Tensor  # (B,) EOS is banned until this many tokens were produced
-    max_len: list[int]  # most steps per sentence (output tokens, or output tokens + EOS)
-    banned: torch.Tensor  # (V,) bool: never produced (PAD, BOS, UNK, pieces that would break a line)
-    forced: Optional[torch.Tensor] = None  # (B, T) token forced at step t, -1 where free
-    free_banned: Optional[torch.Tensor] = None  # (V,) bool: banned wherever no token is forced
-    no_repeat_ngram: int = 0
+    state: DecoderState
+    rules: Rules
+    sents: torch.Tensor  # (rows,) each row's sentence in the batch
+    tokens: torch.Tensor  # (rows, t) the tokens so far
+    coverage: Optional[torch.Tensor] = None  # (rows, S) attention received by each source position
 
-    def to(self, device: torch.device) -> "Rules":
-        def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if t is None else t.to(device)
-
-        return Rules(self.min_len.to(device), self.max_len, self.banned.to(device), move(self.forced),
-                     move(self.free_banned), self.no_repeat_ngram)
-
-    def restricted(self, ids: torch.Tensor) -> "Rules":
-        """These rules over the positions of a shortlist's sorted target `ids`, which hold every forced token."""
-        position = torch.full(self.banned.shape, -1, dtype=torch.long, device=ids.device)
-        position[ids] = torch.arange(len(ids), device=ids.device)
-        forced = None
-        if self.forced is not None:
-            forced = torch.where(self.forced >= 0, position[self.forced.clamp_min(0)], -1)
-            assert int((forced >= 0).sum()) == int((self.forced >= 0).sum()), "a forced token is not in the shortlist"
-        free_banned = None if self.free_banned is None else self.free_banned[ids]
-        return Rules(self.min_len, self.max_len, self.banned[ids], forced, free_banned, self.no_repeat_ngram)
-
-    def forced_tokens(self) -> torch.Tensor:
-        return self.forced[self.forced >= 0] if self.forced is not None else torch.zeros(0, dtype=torch.long)
-
-    def apply(self, lp: torch.Tensor, t: int, sents: torch.Tensor, history: Optional[list[list[int]]]) -> torch.Tensor:
-        """Mask log-probabilities `lp` (rows, V) for step t; `sents` maps rows to sentences."""
-        lp = lp.masked_fill(self.banned, NEG)
-        lp[:, EOS] = lp[:, EOS].masked_fill(self.min_len[sents] > t, NEG)
-        if self.forced is not None:
-            f = self.forced[sents, t] if t < self.forced.size(1) else torch.full_like(sents, -1)
-            free = f < 0
-            if self.free_banned is not None:
-                lp = lp.masked_fill(free.unsqueeze(1) & self.free_banned.unsqueeze(0), NEG)
-            rows = (~free).nonzero().squeeze(1)
-            if rows.numel():
-                keep = lp[rows, f[rows]]
-                lp[rows] = NEG
-                lp[rows, f[rows]] = keep
-        if self.no_repeat_ngram and history is not None:
-            n = self.no_repeat_ngram
-            for row, hist in enumerate(history):
-                if len(hist) >= n - 1:
-                    prefix = hist[len(hist) - n + 1:] if n > 1 else []
-                    seen = [hist[i + n - 1] for i in range(len(hist) - n + 1) if hist[i:i + n - 1] == prefix]
-                    if seen:
-                        lp[row, seen] = NEG
-        return lp
-
-
-def make_rules(src_lens: Sequence[int], vocab_size: int, max_len_a: float, max_len_b: int, min_len: int = 1,
-               max_len: int = 0, forced: Optional[list[list[int]]] = None,
-               free_banned: Optional[list[int]] = None, no_repeat_ngram: int = 0, banned: Sequence[int] = ()) -> Rules:
-    """Rules for a batch. With `forced` (one list per sentence, -1 = free), each output has exactly
-    that list's length: EOS is banned before it and forced right after it. `banned` tokens are never
-    produced, besides PAD, BOS and UNK (the target tokenizer's `unsafe_ids`: no line break in a line)."""
-    limits = [max(1, int(max_len_a * n + max_len_b)) for n in src_lens]  # steps; an output ending there has no EOS
-    if max_len:
-        limits = [min(x, max_len) for x in limits]
-    mins = [min(min_len, x) for x in limits]
-    never = torch.zeros(vocab_size, dtype=torch.bool)
-    never[[PAD, BOS, UNK, *banned]] = True
-    forced_t = free_t = None
-    if forced is not None:
-        width = max(len(f) for f in forced) + 1
-        forced_t = torch.full((len(forced), width), -1, dtype=torch.long)
-        for i, f in enumerate(forced):
-            forced_t[i, : len(f) + 1] = torch.tensor([*f, EOS])
-        limits = [len(f) + 1 for f in forced]
-        mins = [len(f) for f in forced]
-    if free_banned:
-        free_t = torch.zeros(vocab_size, dtype=torch.bool)
-        free_t[free_banned] = True
-    return Rules(torch.tensor(mins), limits, never, forced_t, free_t, no_repeat_ngram)
+    def select(self, index: Optional[torch.Tensor], tokens: torch.Tensor) -> "Rows":
+        """Row r of the result continues row `index[r]` (None: every row, in order) with `tokens[r]`."""
+        if index is None:
+            index, state, sents, coverage = None, self.state, self.sents, self.coverage
+        else:
+            state, sents = self.state.select(index), self.sents.index_select(0, index)
+            coverage = None if self.coverage is None else self.coverage.index_select(0, index)
+        kept = self.tokens if index is None else self.tokens.index_select(0, index)
+        every = torch.arange(len(sents), device=sents.device) if index is None else index
+        return Rows(state, self.rules.select(every, tokens, sents), sents,
+                    torch.cat([kept, tokens.unsqueeze(1)], dim=1), coverage)
 
 
 Picker = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # log-probs -> (chosen log-probs, tokens)
@@ -149,38 +89,36 @@ def greedy(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules: Rul
            alpha: float = 0.0, pick: Picker = argmax, vocab: Optional[BatchVocab] = None) -> list[list[Hypothesis]]:
     """One hypothesis per sentence, token by token: the most probable allowed token, or one drawn
     by `pick` (see `sampler`); finished sentences leave the batch."""
-    state = model.encode(src, src_lens, None if vocab is None else vocab.ids)
-    output = None if vocab is None else vocab.output
     B = src.size(0)
+    state = model.encode(src, src_lens, None if vocab is None else vocab.ids)
+    rows = Rows(state, rules, torch.arange(B, device=src.device), src.new_zeros((B, 0)))
+    output = None if vocab is None else vocab.output
     results: list[list[Hypothesis]] = [[] for _ in range(B)]
-    active = torch.arange(B, device=src.device)
-    tokens: list[list[int]] = [[] for _ in range(B)]
-    logp = [0.0] * B
+    logp = torch.zeros(B, dtype=torch.float64)
     prev = src.new_full((B,), BOS)
     for t in range(max(rules.max_len)):
-        lp, state, _ = model.step(_target_ids(prev, vocab), state, output)
-        history = [tokens[s] for s in active.tolist()] if rules.no_repeat_ngram else None
-        lp = rules.apply(lp, t, active, history)
+        lp, state, _ = model.step(_target_ids(prev, vocab), rows.state, output)
+        rows = replace(rows, state=state)
+        lp = rows.rules.mask(lp, t, rows.sents)
         stuck = torch.isneginf(lp.max(dim=-1).values)  # the rules allow no token at all: the sentence ends here
         if stuck.any():
             lp[stuck, EOS] = 0.0
         best_lp, best = pick(lp)
+        logp += best_lp.double().cpu()
         keep = []
-        for row, (sent, tok, tok_lp, dead) in enumerate(zip(active.tolist(), best.tolist(), best_lp.tolist(),
-                                                            stuck.tolist())):
-            logp[sent] += tok_lp
-            if tok != EOS:
-                tokens[sent].append(tok)
+        for row, (sent, tok, dead) in enumerate(zip(rows.sents.tolist(), best.tolist(), stuck.tolist())):
             if tok == EOS or t + 1 >= rules.max_len[sent]:
-                results[sent] = [Hypothesis(tokens[sent], logp[sent] / length_penalty(t + 1, alpha), not dead)]
+                tokens = rows.tokens[row].tolist() + ([] if tok == EOS else [tok])
+                results[sent] = [Hypothesis(tokens, float(logp[row]) / length_penalty(t + 1, alpha), not dead)]
             else:
                 keep.append(row)
         if not keep:
             break
-        if len(keep) < len(active):
-            index = src.new_tensor(keep)
-            state, best, active = state.select(index), best.index_select(0, index), active.index_select(0, index)
-        prev = best
+        index = None if len(keep) == len(best) else src.new_tensor(keep)
+        prev = best if index is None else best.index_select(0, index)
+        rows = rows.select(index, prev)
+        if index is not None:
+            logp = logp[index.cpu()]
     return _mapped(results, vocab)
 
 
@@ -203,6 +141,24 @@ def coverage_score(coverage: torch.Tensor, mask: torch.Tensor, beta: float) -> f
     return beta * float(torch.log(coverage.clamp(1e-6, 1.0)).masked_fill(~mask, 0.0).sum())
 
 
+Candidate = tuple[float, int, int]  # (score, row, token)
+
+
+def by_bank(options: list[Candidate], rules: Rules, sent: int) -> list[Candidate]:
+    """Dynamic beam allocation (Post & Vilar 2018): candidates grouped by constraint tokens met ("banks")
+    and taken in turn from each bank, fullest bank first, best score first within a bank, so that a beam
+    keeps hypotheses at every stage of meeting its constraints."""
+    banked = sorted(((rules.bank(row, sent, tok), sc, row, tok) for sc, row, tok in options),
+                    key=lambda o: (-o[0], -o[1]))
+    turn: dict[int, int] = {}
+    order = []
+    for bank, sc, row, tok in banked:
+        turn[bank] = turn.get(bank, -1) + 1
+        order.append((turn[bank], -bank, (sc, row, tok)))
+    order.sort(key=lambda o: (o[0], o[1]))
+    return [o[2] for o in order]
+
+
 @torch.no_grad()
 def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules: Rules, beam_size: int,
                 alpha: float = 1.0, nbest: int = 1, coverage_penalty: float = 0.0,
@@ -216,71 +172,76 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules
     K = beam_size
     B = src.size(0)
     dev = src.device
-    state = model.encode(src, src_lens, None if vocab is None else vocab.ids)
-    state = state.grouped(K)
+    state = model.encode(src, src_lens, None if vocab is None else vocab.ids).grouped(K)
+    rows = Rows(state, rules, torch.arange(B, device=dev).repeat_interleave(K), src.new_zeros((B * K, 0)),
+                torch.zeros(B * K, src.size(1), device=dev) if coverage_penalty else None)
     output = None if vocab is None else vocab.output
     scores = torch.full((B, K), NEG, device=dev)
     scores[:, 0] = 0.0  # all beams start identical: keep one so the first step is not K copies
-    history = src.new_full((B * K, 0), BOS)
     prev = src.new_full((B * K,), BOS)
-    coverage = torch.zeros(B * K, src.size(1), device=dev) if coverage_penalty else None
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     active = list(range(B))
 
     def final_score(row: int, sc: float, length: int) -> float:
         score = sc / length_penalty(length, alpha)
-        if coverage is not None:
-            score += coverage_score(coverage[row], state.mask[row // K], coverage_penalty)
+        if rows.coverage is not None:
+            score += coverage_score(rows.coverage[row], rows.state.mask[row // K], coverage_penalty)
         return score
 
     for t in range(max(rules.max_len)):
-        lp, state, weights = model.step(_target_ids(prev, vocab), state, output)
+        lp, state, weights = model.step(_target_ids(prev, vocab), rows.state, output)
+        coverage = rows.coverage
         if coverage is not None:  # only attention models report weights; without them there is no coverage
             coverage = None if weights is None else coverage + weights
+        rows = replace(rows, state=state, coverage=coverage)
         n, V = len(active), lp.size(-1)
-        sents = torch.tensor(active, device=dev).repeat_interleave(K)
-        lp = rules.apply(lp, t, sents, history.tolist() if rules.no_repeat_ngram else None)
+        lp = rows.rules.mask(lp, t, rows.sents)
         cand = (scores.view(-1, 1) + lp).view(n, K * V)
         top_scores, top_idx = cand.topk(min(2 * K, K * V), dim=1)
+        banks = rows.rules.ranks
+        best = lp.argmax(dim=1).tolist() if banks else []
         rows_out: list[int] = []
         toks_out: list[int] = []
         scores_out: list[float] = []
         keep_sents: list[int] = []
         for i, sent in enumerate(active):
+            options = [(sc, i * K + idx // V, idx % V) for sc, idx in zip(top_scores[i].tolist(), top_idx[i].tolist())]
+            if banks:  # also each hypothesis' best token and those that advance its constraints
+                seen = {(row, tok) for _, row, tok in options}
+                for row in range(i * K, i * K + K):
+                    for tok in [best[row], *rows.rules.advancing(row, sent)]:
+                        if (row, tok) not in seen:
+                            seen.add((row, tok))
+                            options.append((float(cand[i, (row - i * K) * V + tok]), row, tok))
+                options = by_bank([o for o in options if o[0] != NEG], rows.rules, sent)
             last_step = t + 1 >= rules.max_len[sent]
-            going: list[tuple[int, int, float]] = []  # (row, token, score) of continuing hypotheses
-            for j, (sc, idx) in enumerate(zip(top_scores[i].tolist(), top_idx[i].tolist())):
+            going: list[Candidate] = []  # continuing hypotheses
+            for j, (sc, row, tok) in enumerate(options):
                 if sc == NEG or len(going) == K:
                     break
-                beam, tok = divmod(idx, V)
-                row = i * K + beam
                 if tok == EOS and j < K:  # an EOS outside the top K does not finish a hypothesis
-                    finished[sent].append(Hypothesis(history[row].tolist(), final_score(row, sc, t + 1)))
+                    finished[sent].append(Hypothesis(rows.tokens[row].tolist(), final_score(row, sc, t + 1)))
                 elif tok != EOS:
-                    going.append((row, tok, sc))
+                    going.append((sc, row, tok))
             if last_step:  # out of length: the best continuing hypotheses end here
-                for row, tok, sc in going[: max(0, K - len(finished[sent]))]:
-                    finished[sent].append(Hypothesis(history[row].tolist() + [tok], final_score(row, sc, t + 1)))
+                for sc, row, tok in going[: max(0, K - len(finished[sent]))]:
+                    finished[sent].append(Hypothesis(rows.tokens[row].tolist() + [tok], final_score(row, sc, t + 1)))
             if not finished[sent] and not going:  # no token allowed anywhere: keep the best unfinished hypothesis
                 beam = int(scores[i].argmax())
-                finished[sent].append(Hypothesis(history[i * K + beam].tolist(),
+                finished[sent].append(Hypothesis(rows.tokens[i * K + beam].tolist(),
                                                  final_score(i * K + beam, float(scores[i, beam]), t), False))
             if last_step or len(finished[sent]) >= K or not going:
                 continue
-            going += [(going[0][0], going[0][1], NEG)] * (K - len(going))  # keep K rows per sentence
+            going += [(NEG, going[0][1], going[0][2])] * (K - len(going))  # keep K rows per sentence
             keep_sents.append(sent)
-            for row, tok, sc in going:
+            for sc, row, tok in going:
                 rows_out.append(row)
                 toks_out.append(tok)
                 scores_out.append(sc)
         if not keep_sents:
             break
-        index = torch.tensor(rows_out, device=dev)
-        state = state.select(index)
-        if coverage is not None:
-            coverage = coverage.index_select(0, index)
         prev = torch.tensor(toks_out, device=dev)
-        history = torch.cat([history.index_select(0, index), prev.unsqueeze(1)], dim=1)
+        rows = rows.select(torch.tensor(rows_out, device=dev), prev)
         scores = torch.tensor(scores_out, device=dev).view(len(keep_sents), K)
         active = keep_sents
     for hyps in finished:

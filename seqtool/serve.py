@@ -1,6 +1,7 @@
 """An HTTP JSON API over a Translator (FastAPI): lines from concurrent requests are decoded together.
 
-    POST /translate  {"lines": ["...", ...]}  ->  {"translations": [{"text", "nbest", "pieces", ...}]}
+    POST /translate  {"lines": ["...", {"text": "...", "prefix": "...", "constraints": [...], "avoid": [...]}]}
+                     ->  {"translations": [{"text", "nbest", "pieces", ...}]}
     GET  /health     ->  {"status": "ok", "requests": N, "lines": N, "batches": N, "refused_busy": N, "waiting": N}
     GET  /info       ->  the model card (as `seqtool info --json`)
 
@@ -17,9 +18,10 @@ import socket
 import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Optional, Union
 
 from seqtool.errors import SeqtoolError, one_line
-from seqtool.translate import Translation, Translator, translation_record
+from seqtool.translate import Prepared, Source, Translation, Translator, translation_record
 
 try:
     import uvicorn
@@ -33,9 +35,26 @@ except ImportError as exc:  # either one alone is not enough
                        "pip install 'seqtool[serve]'") from None
 
 
+class Line(BaseModel):
+    """A line with its own controls, as `seqtool translate --input-format jsonl` reads them."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str
+    prefix: str = ""
+    constraints: list[str] = []
+    avoid: list[str] = []
+
+
 class TranslateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    lines: list[str]
+    lines: list[Union[str, Line]]
+
+
+def _source(line: str | Line) -> Source:
+    # A line break inside a line would make it two lines elsewhere in seqtool: treat it as a space.
+    if isinstance(line, str):
+        return Source(" ".join(line.splitlines()))
+    return Source(" ".join(line.text.splitlines()), line.prefix, tuple(line.constraints), tuple(line.avoid))
 
 
 class Busy(Exception):
@@ -54,7 +73,7 @@ class Batcher:
     waiting: int = 0
     stats: dict = field(default_factory=lambda: {"requests": 0, "lines": 0, "batches": 0, "refused_busy": 0})
 
-    async def translate(self, lines: list[str]) -> list[Translation]:
+    async def translate(self, lines: list[Optional[Prepared]]) -> list[Translation]:
         if self.waiting + len(lines) > self.max_waiting:
             self.stats["refused_busy"] += 1
             raise Busy(f"server busy: {self.waiting} lines waiting (--max-queue {self.max_waiting}); retry shortly")
@@ -109,9 +128,9 @@ class Batcher:
             results = results[len(lines):]
 
 
-def _translate(translator: Translator, lines: list[str]) -> list[Translation]:
+def _translate(translator: Translator, lines: list[Optional[Prepared]]) -> list[Translation]:
     try:
-        return translator.translate(lines)
+        return translator.run(lines)
     except StopIteration as exc:  # asyncio cannot carry StopIteration through a future: the request would hang
         raise RuntimeError(f"StopIteration: {exc}") from None
 
@@ -193,9 +212,9 @@ def make_app(translator: Translator, card: dict, max_lines: int = 1000, max_body
         if len(req.lines) > max_lines:
             return JSONResponse({"error": f"lines: at most {max_lines} per request, got {len(req.lines)}"},
                                 status_code=400)
-        # A line break inside a line would make it two lines elsewhere in seqtool: treat it as a space.
         try:
-            results = await batcher.translate([" ".join(line.splitlines()) for line in req.lines])
+            prepared = [translator.prepare(_source(line), i) for i, line in enumerate(req.lines, 1)]
+            results = await batcher.translate(prepared)
         except Busy as exc:
             return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "1"})
         except SeqtoolError as exc:
@@ -210,9 +229,11 @@ def make_app(translator: Translator, card: dict, max_lines: int = 1000, max_body
 
 
 def _one_line(exc: ValidationError) -> str:
-    """The first problem of a request body, e.g. 'lines.0: Input should be a valid string'."""
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "body"
+    """The first problem of a request body, e.g. 'lines.0.prefix: Input should be a valid string'. A line
+    is a string or an object: for an object, the object's problem, not that it is no string."""
+    errors = exc.errors()
+    first = next((e for e in errors if not (e["loc"][-1:] == ("str",) and isinstance(e["input"], dict))), errors[0])
+    where = ".".join(str(p) for p in first["loc"] if p not in ("str", "Line")) or "body"
     return f"{where}: {first['msg']}"
 
 

@@ -16,12 +16,71 @@ from typing import Callable, Iterable, Iterator, Optional, TextIO
 import torch
 
 from seqtool.config import DecodingConfig
+from seqtool.constraints import LineSpec, line_problem, make_rules
 from seqtool.data import make_batch
-from seqtool.errors import SeqtoolError
+from seqtool.errors import DataError, SeqtoolError
 from seqtool.model.seq2seq import Seq2Seq
-from seqtool.search import Hypothesis, Rules, argmax, beam_search, greedy, make_rules, sampler
+from seqtool.search import Hypothesis, argmax, beam_search, greedy, sampler
 from seqtool.shortlist import BatchVocab, OutputRows, Shortlist
-from seqtool.tokenizer import Tokenizer
+from seqtool.tokenizer import UNK, Tokenizer
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input line and its own controls (all optional): the output begins with `prefix`, holds each
+    phrase of `constraints` and none of `avoid`."""
+
+    text: str
+    prefix: str = ""
+    constraints: tuple[str, ...] = ()
+    avoid: tuple[str, ...] = ()
+
+
+FIELDS = ("text", "prefix", "constraints", "avoid")
+
+
+def parse_source(record: object, where: str) -> Source:
+    """A JSON value -> Source: a string is plain text; an object has "text" and optionally the other FIELDS.
+    Any other shape is a DataError naming `where` and the field."""
+    if isinstance(record, str):
+        return Source(record)
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object with \"text\" or a string, got {type(record).__name__}")
+    unknown = sorted(set(record) - set(FIELDS))
+    if unknown:
+        raise DataError(f"{where}: unknown field {unknown[0]!r} (fields: {', '.join(FIELDS)})")
+    if not isinstance(record.get("text"), str):
+        raise DataError(f"{where}: \"text\" must be given, as a string")
+    if not isinstance(record.get("prefix", ""), str):
+        raise DataError(f"{where}: \"prefix\" must be a string")
+    lists = {}
+    for key in ("constraints", "avoid"):
+        value = record.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise DataError(f"{where}: \"{key}\" must be a list of strings")
+        lists[key] = tuple(value)
+    return Source(record["text"], record.get("prefix", ""), lists["constraints"], lists["avoid"])
+
+
+def parse_jsonl(lines: Iterable[str]) -> Iterator[Source]:
+    """JSON lines (one object, or string, per line; an empty line is an empty input) -> Sources."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            yield Source("")
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        yield parse_source(record, f"line {lineno}")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A line ready for the search: source ids and its controls in target ids."""
+
+    ids: list[int]
+    spec: LineSpec
 
 
 @dataclass
@@ -55,6 +114,9 @@ class Translator:
     with_attention: bool = False  # fill Translation.attention (attention models only)
     with_pieces: bool = False  # fill Translation.src_pieces / pieces (JSON output); off in plain text, the hot path
     shortlist: Optional[Shortlist] = None  # the model file's table, used when decoding.shortlist is set
+    prefix: str = ""  # every line's prefix, unless the line has its own
+    avoid: tuple[str, ...] = ()  # phrases no line's output holds, besides each line's own
+    drop_prefix: bool = False  # outputs without their prefix
     _output_rows: Optional[OutputRows] = field(default=None, init=False)  # the output layer, for shortlists
 
     def __post_init__(self) -> None:
@@ -66,26 +128,63 @@ class Translator:
         if self.decoding.shortlist:
             self._output_rows = OutputRows.of(self.model.output)
 
-    def rules(self, ids: list[list[int]]) -> Rules:
+    def prepare(self, line: str | Source, lineno: int = 1) -> Optional[Prepared]:
+        """Tokenize a line and its controls; None for an empty line. A control that cannot be met is a
+        DataError naming the line, raised before any line of its batch is searched."""
+        source = line if isinstance(line, Source) else Source(line)
+        if not source.text.strip():
+            return None
+        ids = self.src_tok.encode(source.text)
+        if self.truncate_src:
+            ids = ids[: self.truncate_src]
+        limit = self.decoding.max_input_tokens
+        if len(ids) > limit:
+            self.warn(f"line {lineno}: {len(ids)} tokens, truncated to {limit} (decoding.max_input_tokens)")
+            ids = ids[:limit]
         d = self.decoding
-        forced, free_banned = None, None
+        positions = None
         if d.exact_length:
             src_p, tgt_p = self.src_tok.punctuation, self.tgt_tok.punctuation
             to_tgt = {i: tgt_p[piece] for piece, i in src_p.items() if piece in tgt_p} if d.copy_punctuation else {}
-            forced = [[to_tgt.get(i, -1) for i in s] for s in ids]
-            free_banned = list(tgt_p.values()) if d.copy_punctuation else None
-        return make_rules([len(s) for s in ids], self.tgt_tok.vocab_size, d.max_len_a, d.max_len_b, d.min_len,
-                          d.max_len, forced, free_banned, d.no_repeat_ngram, self.tgt_tok.unsafe_ids)
+            positions = tuple(to_tgt.get(i, -1) for i in ids)
+        prefix = source.prefix or self.prefix
+        spec = LineSpec(len(ids), positions, self._target(prefix, "the prefix", lineno) if prefix else (),
+                        tuple(self._target(p, "a constraint", lineno) for p in source.constraints),
+                        tuple(self._target(p, "an avoided phrase", lineno) for p in (*source.avoid, *self.avoid)))
+        problem = line_problem(spec, d, self._free_banned)
+        if problem:
+            raise DataError(f"line {lineno}: {problem}")
+        return Prepared(ids, spec)
 
-    def search(self, ids: list[list[int]]) -> list[list[Hypothesis]]:
-        """Decode a batch of non-empty id sequences."""
+    def _target(self, text: str, what: str, lineno: int) -> tuple[int, ...]:
+        """A control's text in target ids; refused if the model could not produce it as given."""
+        ids = self.tgt_tok.encode(text)
+        shown = repr(text if len(text) <= 40 else text[:40] + "...")
+        if not ids:
+            raise DataError(f"line {lineno}: {what} is empty")
+        if UNK in ids:
+            raise DataError(f"line {lineno}: {what} {shown} holds a word or character the model's target "
+                            "vocabulary lacks")
+        if set(ids) & set(self.tgt_tok.unsafe_ids):
+            raise DataError(f"line {lineno}: {what} {shown} holds a control character or a line break")
+        return tuple(ids)
+
+    @property
+    def _free_banned(self) -> list[int]:
+        """Copied punctuation appears only where the input has it."""
+        return list(self.tgt_tok.punctuation.values()) if self.decoding.copy_punctuation else []
+
+    def search(self, lines: list[Prepared]) -> list[list[Hypothesis]]:
+        """Decode a batch of prepared lines."""
         device = self.model.device
+        ids = [p.ids for p in lines]
         batch = make_batch(ids, [[0]] * len(ids)).to(device)
-        d, rules, vocab = self.decoding, self.rules(ids), None
+        d, vocab = self.decoding, None
         if d.shortlist:
-            vocab = self.batch_vocab(ids, rules.forced_tokens())
-            rules = rules.restricted(vocab.ids.cpu())
-        rules = rules.to(device)
+            required = torch.tensor([tok for p in lines for tok in p.spec.required_tokens()], dtype=torch.long)
+            vocab = self.batch_vocab(ids, required)
+        rules = make_rules([p.spec for p in lines], d, self.tgt_tok.vocab_size, self.tgt_tok.unsafe_ids,
+                           self._free_banned, None if vocab is None else vocab.ids, device)
         if d.sample or (d.beam_size == 1 and d.nbest == 1):
             pick = sampler(d.temperature, d.top_k, d.top_p, d.seed) if d.sample else argmax
             return greedy(self.model, batch.src, batch.src_lens, rules, d.length_penalty, pick, vocab)
@@ -100,40 +199,33 @@ class Translator:
                                         forced).to(self.model.device)
         return BatchVocab(target_ids, self._output_rows.restricted(target_ids))
 
-    def translate(self, lines: list[str], first_lineno: int = 1) -> list[Translation]:
+    def translate(self, lines: list[str | Source], first_lineno: int = 1) -> list[Translation]:
         """Translate lines in any order of length; the result has one entry per line, in order."""
+        return self.run([self.prepare(line, first_lineno + i) for i, line in enumerate(lines)], first_lineno)
+
+    def run(self, lines: list[Optional[Prepared]], first_lineno: int = 1) -> list[Translation]:
+        """Translate prepared lines (None: an empty line, an empty output) in batches of similar length."""
         out = [Translation("") for _ in lines]
-        work = []
-        limit = self.decoding.max_input_tokens
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            ids = self.src_tok.encode(line)
-            if self.truncate_src:
-                ids = ids[: self.truncate_src]
-            if len(ids) > limit:
-                self.warn(f"line {first_lineno + i}: {len(ids)} tokens, truncated to {limit} (decoding.max_input_tokens)")
-                ids = ids[:limit]
-            work.append((i, ids))
-        work.sort(key=lambda item: len(item[1]))
+        work = sorted(((i, p) for i, p in enumerate(lines) if p is not None), key=lambda item: len(item[1].ids))
         step = self.decoding.batch_size
         with torch.inference_mode():
             for start in range(0, len(work), step):
                 chunk = work[start : start + step]
-                for (i, ids), hyps in zip(chunk, self.search([ids for _, ids in chunk])):
+                for (i, p), hyps in zip(chunk, self.search([p for _, p in chunk])):
                     if not hyps[0].complete:
                         self.warn(f"line {first_lineno + i}: the decoding rules left no way to end the output; "
                                   "it is the best unfinished hypothesis")
-                    out[i] = self._translation(ids, hyps)
+                    out[i] = self._translation(p, hyps)
         return out
 
-    def _translation(self, ids: list[int], hyps: list[Hypothesis]) -> Translation:
-        texts = [(self.tgt_tok.decode(h.tokens), h.score) for h in hyps]
+    def _translation(self, line: Prepared, hyps: list[Hypothesis]) -> Translation:
+        drop = len(line.spec.prefix) if self.drop_prefix else 0
+        texts = [(self.tgt_tok.decode(h.tokens[drop:]), h.score) for h in hyps]
         best = hyps[0].tokens if hyps else []
         pieces = self.with_pieces or self.with_attention
-        return Translation(texts[0][0] if texts else "", texts, self.src_tok.id_pieces(ids) if pieces else [],
-                           self.tgt_tok.id_pieces(best) if pieces else [],
-                           attention_weights(self.model, ids, best) if self.with_attention else None)
+        return Translation(texts[0][0] if texts else "", texts, self.src_tok.id_pieces(line.ids) if pieces else [],
+                           self.tgt_tok.id_pieces(best[drop:]) if pieces else [],
+                           attention_weights(self.model, line.ids, best)[drop:] if self.with_attention else None)
 
 
 PATIENCE = 0.05  # seconds a chunk waits for its next line: far longer than reading one, short for a person
@@ -194,7 +286,7 @@ def format_translation(t: Translation, fmt: str) -> str:
     return json.dumps(translation_record(t), ensure_ascii=False) if fmt == "json" else t.text
 
 
-def translate_stream(translator: Translator, lines: Iterable[str], out: TextIO, fmt: str = "text",
+def translate_stream(translator: Translator, lines: Iterable[str | Source], out: TextIO, fmt: str = "text",
                      each: Optional[Callable[[int, Translation], None]] = None) -> int:
     """Translate a stream of lines to `out`, flushing after each chunk; returns the line count.
 
@@ -202,10 +294,19 @@ def translate_stream(translator: Translator, lines: Iterable[str], out: TextIO, 
     """
     n = 0
     for chunk in read_ahead(lines, translator.decoding.buffer_lines):
-        for lineno, t in enumerate(translator.translate(chunk, first_lineno=n + 1), n + 1):
+        prepared, error = [], None
+        for i, line in enumerate(chunk):
+            try:
+                prepared.append(translator.prepare(line, n + 1 + i))
+            except SeqtoolError as exc:  # the lines before it are still translated and written
+                error = exc
+                break
+        for lineno, t in enumerate(translator.run(prepared, first_lineno=n + 1), n + 1):
             out.write(format_translation(t, fmt) + "\n")
             if each:
                 each(lineno, t)
         out.flush()
-        n += len(chunk)
+        n += len(prepared)
+        if error is not None:
+            raise error
     return n

@@ -5,10 +5,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seqtool.config import ModelConfig
+from seqtool.config import DecodingConfig, ModelConfig
+from seqtool.constraints import LineSpec, make_rules
 from seqtool.data import make_batch
 from seqtool.model.seq2seq import build_model
-from seqtool.search import beam_search, greedy, length_penalty, make_rules
+from seqtool.search import beam_search, greedy, length_penalty
 from seqtool.tokenizer import BOS, EOS, PAD, UNK
 
 V = 40
@@ -27,11 +28,22 @@ def model_for(cell, context, copy=False, attention="bahdanau"):
     return MODELS[key]
 
 
+def rules_for(srcs, forced=None, free_banned=(), banned=(), prefix=None, include=None, avoid=None, space=None,
+              **decoding):
+    """The rules of a batch: `forced` (exact length, -1 = free), `prefix`, `include`, `avoid`: one entry per
+    source; the rest are decoding keys (max_len_a 1.5, max_len_b 4 unless given)."""
+    d = DecodingConfig(**{"max_len_a": 1.5, "max_len_b": 4, **decoding})
+    n = len(srcs)
+    specs = [LineSpec(len(s), tuple(forced[i]) if forced else None, tuple(prefix[i]) if prefix else (),
+                      tuple(map(tuple, include[i])) if include else (), tuple(map(tuple, avoid[i])) if avoid else ())
+             for i, s in zip(range(n), srcs)]
+    return make_rules(specs, d, V, banned, free_banned, space)
+
+
 def run(search, srcs, which=("gru", "attention"), **rule_args):
     model = model_for(*which)
     b = make_batch(srcs, [[4]] * len(srcs))
-    args = {"max_len_a": 1.5, "max_len_b": 4, **rule_args}
-    return search(model, b.src, b.src_lens, make_rules([len(s) for s in srcs], V, **args))
+    return search(model, b.src, b.src_lens, rules_for(srcs, **rule_args))
 
 
 sources = st.lists(st.lists(st.integers(4, V - 1), min_size=1, max_size=12), min_size=1, max_size=6)
@@ -129,14 +141,15 @@ def test_sampling_explores():
 
 @pytest.mark.parametrize("search", ["greedy", "beam", "sample"])
 def test_rules_that_allow_no_ending_give_the_best_unfinished_hypothesis(search):
-    """Only tokens 4 and 5 allowed, none twice, and EOS banned before 5 tokens: after two steps nothing is
-    allowed. The search returns the best unfinished hypothesis (never nothing, never a banned token)."""
+    """Only tokens 4 and 5 allowed, never twice in a row nor alternating three times, and EOS banned before
+    5 tokens: after two steps nothing is allowed. The search returns the best unfinished hypothesis (never nothing, never a banned token)."""
     from seqtool.search import sampler
 
     fn = {"greedy": lambda m, s, l, r: greedy(m, s, l, r),
           "beam": lambda m, s, l, r: beam_search(m, s, l, r, 3, nbest=3),
           "sample": lambda m, s, l, r: greedy(m, s, l, r, pick=sampler(seed=1))}[search]
-    results = run(fn, [[7, 8, 9], [10, 11]], no_repeat_ngram=1, min_len=5, banned=list(range(6, V)))
+    avoid = [[(4, 4), (5, 5), (4, 5, 4), (5, 4, 5)]] * 2
+    results = run(fn, [[7, 8, 9], [10, 11]], avoid=avoid, min_len=5, banned=list(range(6, V)))
     for hyps in results:
         assert len(hyps) == 1 and sorted(hyps[0].tokens) == [4, 5] and not hyps[0].complete
         assert hyps[0].score > float("-inf")

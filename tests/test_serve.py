@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import select
 import socket
 import subprocess
@@ -91,6 +92,26 @@ def test_malformed_requests_get_400_with_a_message(server, body, message):
     assert r.status_code == 400 and message in r.json()["error"]
 
 
+def test_lines_with_controls_and_a_request_that_cannot_be_met(server, trained_model):
+    """A line may be an object with the fields `translate --input-format jsonl` reads; the answers are the
+    CLI's, and a control that cannot be met fails its request with the line named."""
+    url, _ = server
+    lines = [{"text": "seliti roma zefu", "prefix": "voba Kevi"}, "fizafa la sa",
+             {"text": "seliti sate bi vizigi", "constraints": ["Roda"], "avoid": ["keke"]}]
+    r = httpx.post(url + "/translate", json={"lines": lines}, timeout=60)
+    assert r.status_code == 200, r.text
+    got = [t["text"] for t in r.json()["translations"]]
+    jsonl = "\n".join(json.dumps(line) for line in lines) + "\n"
+    cli = run_cli("translate", "-m", str(trained_model), "--beam", "5", "--shortlist", "0", "--input-format", "jsonl",
+                  input=jsonl, check=True)
+    assert got == cli.stdout.split("\n")[:-1]
+    assert got[0].startswith("voba Kevi") and "Roda" in got[2].split() and "keke" not in got[2].split()
+    r = httpx.post(url + "/translate", json={"lines": ["a", {"text": "b", "prefix": "x\ny"}]}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"].startswith("line 2: the prefix 'x\\ny' holds a control character")
+    r = httpx.post(url + "/translate", json={"lines": [{"text": 5}]}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"] == "lines.0.text: Input should be a valid string"
+
+
 def test_oversized_body_unknown_route_and_health_info(server):
     url, _ = server
     r = httpx.post(url + "/translate", content=b'{"lines": ["' + b"a" * (2 << 20) + b'"]}')
@@ -117,7 +138,10 @@ class FakeTranslator:
         self.release.set()
         self.calls = 0
 
-    def translate(self, lines):
+    def prepare(self, source, lineno):
+        return source.text
+
+    def run(self, lines):
         self.calls += 1
         self.started.set()
         assert self.release.wait(30)

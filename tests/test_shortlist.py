@@ -10,11 +10,11 @@ from seqtool.checkpoint import load_model, save_model
 from seqtool.data import make_batch
 from seqtool.device import int8_dynamic
 from seqtool.errors import ModelFileError
-from seqtool.search import beam_search, greedy, make_rules
+from seqtool.search import beam_search, greedy
 from seqtool.shortlist import BatchVocab, OutputRows, Shortlist, build_shortlist
 from seqtool.tokenizer import EOS
 from test_cli_errors import assert_one_line_error
-from test_search import V, model_for, sources
+from test_search import V, model_for, rules_for, sources
 
 PAIRS = [([10, 11], [20, 21]), ([10], [20]), ([11, 12], [21, 22]), ([10, 12], [20, 22, 22])]
 
@@ -54,11 +54,10 @@ def test_restricted_output_layer_gives_the_same_scores_as_the_full_layer_in_fp32
 def _search(which, srcs, vocab_ids, beam, **rule_args):
     model = model_for(*which)
     b = make_batch(srcs, [[4]] * len(srcs))
-    rules = make_rules([len(s) for s in srcs], V, 1.5, 4, **rule_args)
+    rules = rules_for(srcs, space=vocab_ids, **rule_args)
     vocab = None
     if vocab_ids is not None:
         vocab = BatchVocab(vocab_ids, OutputRows.of(model.output).restricted(vocab_ids))
-        rules = rules.restricted(vocab_ids)
     if beam == 1:
         return greedy(model, b.src, b.src_lens, rules, vocab=vocab)
     return beam_search(model, b.src, b.src_lens, rules, beam, nbest=beam, vocab=vocab)
@@ -86,8 +85,7 @@ def test_greedy_over_a_shortlist_is_greedy_with_every_other_token_banned(srcs, w
     if len(which) == 2:  # without copying, the argmax over the kept tokens is the argmax of the masked full scores
         model = model_for(*which)
         b = make_batch(srcs, [[4]] * len(srcs))
-        rules = make_rules([len(s) for s in srcs], V, 1.5, 4)
-        rules.banned |= ~torch.isin(torch.arange(V), ids)
+        rules = rules_for(srcs, banned=(~torch.isin(torch.arange(V), ids)).nonzero().flatten().tolist())
         banned = greedy(model, b.src, b.src_lens, rules)
         assert [h[0].tokens for h in listed] == [h[0].tokens for h in banned]
 
@@ -99,8 +97,7 @@ def test_forced_tokens_are_kept_and_placed_with_a_shortlist(srcs, subset, beam):
     punct = [5, 6]
     forced = [[t if t in punct else -1 for t in s] for s in srcs]
     sl = Shortlist(torch.full((V, 1), -1, dtype=torch.long), torch.tensor(sorted(subset)))
-    rules = make_rules([len(s) for s in srcs], V, 1.5, 4, forced=forced, free_banned=punct)
-    ids = sl.ids(srcs, 1, len(subset), False, rules.forced_tokens())
+    ids = sl.ids(srcs, 1, len(subset), False, torch.tensor([t for f in forced for t in f if t >= 0], dtype=torch.long))
     for src, hyps in zip(srcs, _search(("gru", "attention"), srcs, ids, beam, forced=forced, free_banned=punct)):
         for h in hyps:
             assert len(h.tokens) == len(src)
