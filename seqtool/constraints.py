@@ -149,8 +149,10 @@ class Avoid(Constraint):
         return Avoid(self.singles, self.follow, self.keep, tails)
 
 
-State = tuple[int, Phrase]  # (bitmask of phrases met, longest suffix of the output that begins an unmet phrase)
-START: State = (0, ())
+# (bitmask of phrases met, longest suffix of the output that begins an unmet phrase, whether the last token
+# completed a phrase)
+State = tuple[int, Phrase, bool]
+START: State = (0, (), False)
 
 
 @dataclass
@@ -167,6 +169,7 @@ class Include(Constraint):
     ranks: ClassVar[bool] = True
     phrases: list[tuple[Phrase, ...]]  # per sentence
     runs: list[list[tuple[int, int]]]  # per sentence: [start, end) of each run of free steps
+    glue: Optional[torch.Tensor] = None  # (V,) bool: tokens that continue a word, banned right after a phrase
     states: Optional[list[State]] = None  # per row
     memo: dict = field(default_factory=dict)  # shared by the copies `select` makes: everything here is pure
 
@@ -182,7 +185,8 @@ class Include(Constraint):
         return self._cached(("next", sent, state, token), lambda: self._transition(sent, state, token))
 
     def _transition(self, sent: int, state: State, token: int) -> State:
-        met, tail = state
+        before, tail, _ = state
+        met = before
         phrases = self.phrases[sent]
         seen = tail + (token,)
         for i, p in enumerate(phrases):  # `tail` is long enough to hold any unmet phrase but its last token
@@ -191,18 +195,18 @@ class Include(Constraint):
         unmet = self._unmet(sent, met)
         start = next((k for k in range(len(seen))
                       if any(len(seen) - k < len(p) and p[: len(seen) - k] == seen[k:] for p in unmet)), len(seen))
-        return met, seen[start:]
+        return met, seen[start:], met != before
 
     def _unmet(self, sent: int, met: int) -> list[Phrase]:
         return [p for i, p in enumerate(self.phrases[sent]) if not met >> i & 1]
 
     def met_tokens(self, sent: int, state: State) -> int:
-        met, tail = state
+        met, tail, _ = state
         return sum(len(p) for i, p in enumerate(self.phrases[sent]) if met >> i & 1) + len(tail)
 
     def _candidates(self, sent: int, state: State) -> set[int]:
         """Tokens that continue some unmet phrase from some suffix of the output (the empty one included)."""
-        met, tail = state
+        met, tail, _ = state
         return {p[k] for p in self._unmet(sent, met) for k in range(min(len(tail), len(p) - 1) + 1)
                 if p[:k] == tail[len(tail) - k:]}
 
@@ -243,7 +247,7 @@ class Include(Constraint):
     def feasible(self, sent: int, state: State, t: int) -> bool:
         """Whether, from step t on, every unmet phrase can still be placed: fresh, or the one the output
         is in the middle of continued right away."""
-        met, tail = state
+        met, tail, _ = state
         here, later = self._room(sent, t)
         unmet = self._unmet(sent, met)
         lengths = lambda ps: tuple(sorted((len(p) for p in ps), reverse=True))
@@ -271,8 +275,11 @@ class Include(Constraint):
 
     def mask(self, lp, t, sents):
         rows, tokens = [], []
+        glued = []
         for row, s in enumerate(sents.tolist()):
             state = self._state(row)
+            if state[2] and self.glue is not None:  # a phrase just ended: so must its word
+                glued.append(row)
             if not self.needs(s, state)[0]:
                 continue
             lp[row, EOS] = NEG
@@ -286,12 +293,15 @@ class Include(Constraint):
             keep[rows, tokens] = True
             forced_rows = torch.tensor(sorted(set(rows)), device=lp.device)
             lp[forced_rows] = lp[forced_rows].masked_fill(~keep[forced_rows], NEG)
+        if glued:
+            index = torch.tensor(glued, device=lp.device)
+            lp[index] = lp[index].masked_fill(self.glue, NEG)
         return lp
 
     def select(self, index, tokens, sents):
         states = [self.transition(s, self._state(i), tok)
                   for i, tok, s in zip(index.tolist(), tokens.tolist(), sents.tolist())]
-        return Include(self.phrases, self.runs, states, self.memo)
+        return Include(self.phrases, self.runs, self.glue, states, self.memo)
 
     def bank(self, row, sent, token):
         return self.met_tokens(sent, self.transition(sent, self._state(row), token))
@@ -430,15 +440,14 @@ def _fits(line: LineSpec, d: DecodingConfig) -> bool:
 
 def make_rules(lines: Sequence[LineSpec], d: DecodingConfig, vocab_size: int, banned: Iterable[int] = (),
                free_banned: Iterable[int] = (), space: Optional[torch.Tensor] = None,
-               device: torch.device | str = "cpu") -> Rules:
+               device: torch.device | str = "cpu", glue: Iterable[int] = ()) -> Rules:
     """The rules of a batch of lines that passed `line_problem`. `banned` target ids are never produced
-    (besides PAD, BOS and UNK); `free_banned` ones only where a position forces them. With a shortlist,
-    `space` holds its sorted target ids and the rules are over positions in it."""
-    to = _Space(vocab_size, space)
+    (besides PAD, BOS and UNK); `free_banned` ones only where a position forces them; `glue` ones (pieces
+    inside a word) never right after a phrase to include. With a shortlist, `space` holds its sorted
+    target ids and the rules are over positions in it."""
+    to = _Space(vocab_size, space, device)
     limits = [length_limit(line, d) for line in lines]
-    never = torch.zeros(vocab_size, dtype=torch.bool)
-    never[[PAD, BOS, UNK, *banned]] = True
-    rules: list[Constraint] = [Banned(to.mask(never).to(device))]
+    rules: list[Constraint] = [Banned(to.mask([PAD, BOS, UNK, *banned]))]
     mins = [len(line.positions) if line.positions is not None else min(d.min_len, limit)
             for line, limit in zip(lines, limits)]
     rules.append(MinLength(torch.tensor(mins, device=device)))
@@ -446,13 +455,7 @@ def make_rules(lines: Sequence[LineSpec], d: DecodingConfig, vocab_size: int, ba
     if any(fixed):
         width = max(len(f) for f in fixed)
         table = torch.tensor([to.ids(f) + [-1] * (width - len(f)) for f in fixed], dtype=torch.long)
-        free = None
-        free_banned = list(free_banned)
-        if free_banned:
-            free_t = torch.zeros(vocab_size, dtype=torch.bool)
-            free_t[free_banned] = True
-            free = to.mask(free_t).to(device)
-        rules.append(Forced(table.to(device), free))
+        rules.append(Forced(table.to(device), to.mask(free_banned)))
     if d.no_repeat_ngram:
         rules.append(NoRepeatNgram(d.no_repeat_ngram))
     if any(line.avoid for line in lines):
@@ -460,7 +463,7 @@ def make_rules(lines: Sequence[LineSpec], d: DecodingConfig, vocab_size: int, ba
     if any(line.include for line in lines):
         phrases = [tuple(dict.fromkeys(tuple(to.ids(p)) for p in line.include)) for line in lines]
         assert all(min(p) >= 0 for line in phrases for p in line), "a constraint token is not in the shortlist"
-        rules.append(Include(phrases, [free_runs(f, limit) for f, limit in zip(fixed, limits)]))
+        rules.append(Include(phrases, [free_runs(f, limit) for f, limit in zip(fixed, limits)], to.mask(glue)))
     return Rules(limits, rules)
 
 
@@ -498,8 +501,8 @@ def _avoid(phrases: list[list[list[int]]], vocab_size: int, device) -> Avoid:
 class _Space:
     """Target ids -> the search's token ids (positions in a shortlist's sorted ids, -1 if not in it)."""
 
-    def __init__(self, vocab_size: int, space: Optional[torch.Tensor]) -> None:
-        self.space = space
+    def __init__(self, vocab_size: int, space: Optional[torch.Tensor], device: torch.device | str) -> None:
+        self.vocab_size, self.space, self.device = vocab_size, space, device
         self.size = vocab_size if space is None else len(space)
         self.position = None
         if space is not None:
@@ -514,5 +517,11 @@ class _Space:
             return list(tokens)
         return [int(self.position[t]) if t >= 0 else -1 for t in tokens]
 
-    def mask(self, full: torch.Tensor) -> torch.Tensor:
-        return full if self.space is None else full[self.space.cpu()]
+    def mask(self, tokens: Iterable[int]) -> Optional[torch.Tensor]:
+        """(V,) bool over the search's ids, True at these target ids; None if there are none."""
+        tokens = list(tokens)
+        if not tokens:
+            return None
+        full = torch.zeros(self.vocab_size, dtype=torch.bool)
+        full[tokens] = True
+        return (full if self.space is None else full[self.space.cpu()]).to(self.device)

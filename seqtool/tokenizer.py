@@ -87,6 +87,49 @@ class Tokenizer:
         """Pieces -> one line of text, as `decode` (a byte piece <0x0A> is a space, not a line break)."""
         return LINE_BREAKERS.sub(" ", _unescape(self.sp.decode_pieces(pieces)))
 
+    def spellings(self, text: str, limit: int = 256) -> list[list[int]]:
+        """The piece sequences that decode to `text` where a word begins, canonical (`encode`) first, at most
+        `limit`: a model may spell a word with other pieces than the tokenizer would ("▁r ug ed" for
+        "▁r uge d"), so a phrase to avoid is banned in each of them."""
+        canonical = self.encode(text)
+        if self.word:
+            return [canonical]
+        marked = "\u2581" + "\u2581".join(_escape(text).split())
+        sp = self.sp
+        steps = [[(j, i) for j in range(len(marked), start, -1)  # longest pieces first: likely spellings first
+                  if (i := sp.piece_to_id(marked[start:j])) != UNK and not sp.is_control(i) and not sp.is_byte(i)]
+                 for start in range(len(marked))]
+        out, seen = [canonical], {tuple(canonical)}
+
+        def walk(at: int, ids: list[int]) -> None:
+            if len(out) >= limit:
+                return
+            if at == len(marked):
+                if tuple(ids) not in seen:
+                    seen.add(tuple(ids))
+                    out.append(list(ids))
+                return
+            for end, i in steps[at]:
+                walk(end, ids + [i])
+
+        walk(0, [])
+        return out
+
+    @cached_property
+    def glue_ids(self) -> list[int]:
+        """Pieces that continue a word (no word marker, a letter or digit first; CJK characters excepted, as
+        they are words without spaces): a phrase to include ends where a word ends, not inside a longer one."""
+        if self.word:
+            return []
+        out = []
+        for i in range(self.vocab_size):
+            piece = self.sp.id_to_piece(i)
+            if self.sp.is_control(i) or self.sp.is_byte(i) or self.sp.is_unknown(i) or piece.startswith("\u2581"):
+                continue
+            if piece[0].isalnum() and unicodedata.east_asian_width(piece[0]) not in ("W", "F"):
+                out.append(i)
+        return out
+
     @cached_property
     def unsafe_ids(self) -> list[int]:
         """Pieces that decode to a control character or a line separator (the byte pieces <0x0A>, <0x0D>,

@@ -150,7 +150,8 @@ class Translator:
         prefix = source.prefix or self.prefix
         spec = LineSpec(len(ids), positions, self._target(prefix, "the prefix", lineno) if prefix else (),
                         tuple(self._target(p, "a constraint", lineno) for p in source.constraints),
-                        tuple(self._target(p, "an avoided phrase", lineno) for p in (*source.avoid, *self.avoid)))
+                        tuple(spelled for p in (*source.avoid, *self.avoid)
+                              for spelled in self._spellings(p, "an avoided phrase", lineno)))
         problem = line_problem(spec, d, self._free_banned)
         if problem:
             raise DataError(f"line {lineno}: {problem}")
@@ -169,6 +170,12 @@ class Translator:
             raise DataError(f"line {lineno}: {what} {shown} holds a control character or a line break")
         return tuple(ids)
 
+    def _spellings(self, text: str, what: str, lineno: int) -> list[tuple[int, ...]]:
+        """A phrase to avoid in every spelling of it in pieces: a model may not spell it as the tokenizer does."""
+        canonical = self._target(text, what, lineno)
+        return [canonical, *(tuple(ids) for ids in self.tgt_tok.spellings(text)[1:]
+                             if not set(ids) & set(self.tgt_tok.unsafe_ids))]
+
     @property
     def _free_banned(self) -> list[int]:
         """Copied punctuation appears only where the input has it."""
@@ -184,7 +191,7 @@ class Translator:
             required = torch.tensor([tok for p in lines for tok in p.spec.required_tokens()], dtype=torch.long)
             vocab = self.batch_vocab(ids, required)
         rules = make_rules([p.spec for p in lines], d, self.tgt_tok.vocab_size, self.tgt_tok.unsafe_ids,
-                           self._free_banned, None if vocab is None else vocab.ids, device)
+                           self._free_banned, None if vocab is None else vocab.ids, device, self.tgt_tok.glue_ids)
         if d.sample or (d.beam_size == 1 and d.nbest == 1):
             pick = sampler(d.temperature, d.top_k, d.top_p, d.seed) if d.sample else argmax
             return greedy(self.model, batch.src, batch.src_lens, rules, d.length_penalty, pick, vocab)

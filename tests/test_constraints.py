@@ -149,6 +149,25 @@ def test_beam_search_places_phrases_where_they_fit_not_only_at_the_end():
     assert any(h.tokens.index(p) < len(h.tokens) - 1 for (p,), out in zip(phrase, hyps) for h in out)
 
 
+@settings(max_examples=30, deadline=None)
+@given(controlled(), st.sampled_from(["greedy", "beam"]), st.sets(st.integers(4, V - 1), max_size=20))
+def test_a_phrase_ends_where_a_word_ends(data, kind, glue):
+    """Right after a phrase to include, no token that would continue its word ('Sabe' + 'd')."""
+    srcs, lines = data
+    lines = [{**x, "prefix": ()} for x in lines]
+    d = DecodingConfig(max_len_a=1.5, max_len_b=4)
+    assume(all(line_problem(spec, d) is None for spec in specs(srcs, lines)))
+    for x, hyps in zip(lines, decode(kind, 3, srcs, ("gru", "attention"), lines, glue=sorted(glue))):
+        for h in hyps:
+            assert satisfied(h.tokens, **x)
+            after = [h.tokens[i + len(p)] for p in x["include"] for i in range(len(h.tokens) - len(p))
+                     if tuple(h.tokens[i:i + len(p)]) == p]
+            # the first occurrence of each phrase is followed by a word start (a later one may be glued)
+            assert all(any(h.tokens[i + len(p)] not in glue for i in range(len(h.tokens) - len(p))
+                           if tuple(h.tokens[i:i + len(p)]) == p) or tuple(h.tokens[-len(p):]) == p
+                       for p in x["include"]), (h.tokens, x, after)
+
+
 def test_ngram_blocking_yields_to_a_phrase_that_must_appear():
     """no_repeat_ngram 1 forbids any token twice; a prefix of 9 and a phrase (9, 10) need 9 twice:
     the blocking (a heuristic) gives way, the constraint (a request) does not."""
@@ -231,6 +250,9 @@ def test_cli_prefix_flag_drop_prefix_and_avoid_file(trained_model, tmp_path):
     dropped = run_cli("translate", "-m", str(trained_model), "-q", "--prefix", "govo Zoti", "--drop-prefix", input=src,
                       check=True).stdout.splitlines()
     assert all(k.startswith("govo Zoti ") for k in kept) and kept != plain
+    int8 = run_cli("translate", "-m", str(trained_model), "-q", "--prefix", "govo Zoti", "--quantize", "--beam", "1",
+                   input=src, check=True).stdout.splitlines()
+    assert len(int8) == 8 and all(k.startswith("govo Zoti ") for k in int8)
     assert dropped == [k[len("govo Zoti "):] for k in kept]
     avoid = tmp_path / "avoid.txt"
     avoid.write_text("voba\n\ngovo\n")

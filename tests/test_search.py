@@ -29,7 +29,7 @@ def model_for(cell, context, copy=False, attention="bahdanau"):
 
 
 def rules_for(srcs, forced=None, free_banned=(), banned=(), prefix=None, include=None, avoid=None, space=None,
-              **decoding):
+              glue=(), **decoding):
     """The rules of a batch: `forced` (exact length, -1 = free), `prefix`, `include`, `avoid`: one entry per
     source; the rest are decoding keys (max_len_a 1.5, max_len_b 4 unless given)."""
     d = DecodingConfig(**{"max_len_a": 1.5, "max_len_b": 4, **decoding})
@@ -37,7 +37,7 @@ def rules_for(srcs, forced=None, free_banned=(), banned=(), prefix=None, include
     specs = [LineSpec(len(s), tuple(forced[i]) if forced else None, tuple(prefix[i]) if prefix else (),
                       tuple(map(tuple, include[i])) if include else (), tuple(map(tuple, avoid[i])) if avoid else ())
              for i, s in zip(range(n), srcs)]
-    return make_rules(specs, d, V, banned, free_banned, space)
+    return make_rules(specs, d, V, banned, free_banned, space, glue=glue)
 
 
 def run(search, srcs, which=("gru", "attention"), **rule_args):

@@ -70,3 +70,15 @@ def test_any_ids_or_pieces_decode_to_one_printable_line(ids):
     for text in (_BPE.decode(ids), _BPE.decode_pieces([_BPE.sp.id_to_piece(i) for i in ids])):
         assert len(text.splitlines()) <= 1 and not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text)
     assert set(_BPE.unsafe_ids) == {_BPE.sp.piece_to_id(f"<0x{b:02X}>") for b in [*range(0x20), 0x7F]}
+
+
+def test_spellings_decode_to_the_phrase_canonical_first_and_glue_continues_words():
+    tok = train_tokenizer([f"the cat sat on the mat {i} times, ruged rugs" for i in range(200)],
+                          TokenizerConfig(type="bpe", vocab_size=320))
+    spellings = tok.spellings("the mat", limit=50)
+    assert spellings[0] == tok.encode("the mat") and len(spellings) > 1
+    assert len({tuple(s) for s in spellings}) == len(spellings)
+    assert all(tok.decode(s) == "the mat" for s in spellings)
+    glue = set(tok.glue_ids)
+    assert glue and all(not tok.sp.id_to_piece(i).startswith("\u2581") for i in glue)
+    assert tok.encode("the")[0] not in glue
