@@ -403,9 +403,9 @@ def line_problem(line: LineSpec, d: DecodingConfig, free_banned: Sequence[int] =
     request that cannot be met gets a clear answer rather than an output that quietly breaks it."""
     for p in line.include:
         for a in line.avoid:
-            if _contains(p, a):
+            if len(a) <= len(p) and _contains(p, a):
                 return "a constraint contains an avoided phrase"
-    if any(_contains(line.prefix, a) for a in line.avoid):
+    if line.prefix and any(_contains(line.prefix, a) for a in line.avoid if len(a) <= len(line.prefix)):
         return "the prefix contains an avoided phrase"
     n = d.no_repeat_ngram
     if n and any(_repeats_ngram(seq, n) for seq in (line.prefix, *line.include)):
@@ -459,7 +459,7 @@ def make_rules(lines: Sequence[LineSpec], d: DecodingConfig, vocab_size: int, ba
     if d.no_repeat_ngram:
         rules.append(NoRepeatNgram(d.no_repeat_ngram))
     if any(line.avoid for line in lines):
-        rules.append(_avoid([[to.ids(p) for p in line.avoid] for line in lines], len(to), device))
+        rules.append(_avoid(lines, to, device))
     if any(line.include for line in lines):
         phrases = [tuple(dict.fromkeys(tuple(to.ids(p)) for p in line.include)) for line in lines]
         assert all(min(p) >= 0 for line in phrases for p in line), "a constraint token is not in the shortlist"
@@ -479,22 +479,27 @@ def free_runs(fixed: list[int], limit: int) -> list[tuple[int, int]]:
     return runs
 
 
-def _avoid(phrases: list[list[list[int]]], vocab_size: int, device) -> Avoid:
-    """Phrases with a token the search cannot produce (outside a shortlist) cannot appear: dropped."""
-    singles = torch.zeros(len(phrases), vocab_size, dtype=torch.bool)
+def _avoid(lines: Sequence[LineSpec], to: "_Space", device) -> Avoid:
+    """Phrases with a token the search cannot produce (outside a shortlist) cannot appear: dropped. Lines
+    with the same list (an avoid file gives every line the same) share one table."""
+    singles = torch.zeros(len(lines), len(to), dtype=torch.bool)
     follow: list[dict[Phrase, list[int]]] = []
-    keep = 0
-    for s, line in enumerate(phrases):
-        table: dict[Phrase, list[int]] = {}
-        for p in line:
-            if min(p) < 0:
-                continue
-            if len(p) == 1:
-                singles[s, p[0]] = True
-            else:
-                table.setdefault(tuple(p[:-1]), []).append(p[-1])
-                keep = max(keep, len(p) - 1)
+    tables: dict[tuple[Phrase, ...], tuple[list[int], dict[Phrase, list[int]]]] = {}
+    for s, line in enumerate(lines):
+        if line.avoid not in tables:
+            ones, table = [], {}
+            for p in map(to.ids, line.avoid):
+                if min(p) < 0:
+                    continue
+                if len(p) == 1:
+                    ones.append(p[0])
+                else:
+                    table.setdefault(tuple(p[:-1]), []).append(p[-1])
+            tables[line.avoid] = ones, table
+        ones, table = tables[line.avoid]
+        singles[s, ones] = True
         follow.append(table)
+    keep = max((len(key) for table in follow for key in table), default=0)
     return Avoid(singles.to(device), follow, keep)
 
 
@@ -506,8 +511,9 @@ class _Space:
         self.size = vocab_size if space is None else len(space)
         self.position = None
         if space is not None:
-            self.position = torch.full((vocab_size,), -1, dtype=torch.long)
-            self.position[space.cpu()] = torch.arange(len(space))
+            position = torch.full((vocab_size,), -1, dtype=torch.long)
+            position[space.cpu()] = torch.arange(len(space))
+            self.position = position.tolist()  # looked up token by token: a list, not tensor indexing
 
     def __len__(self) -> int:
         return self.size
@@ -515,7 +521,7 @@ class _Space:
     def ids(self, tokens: Sequence[int]) -> list[int]:
         if self.position is None:
             return list(tokens)
-        return [int(self.position[t]) if t >= 0 else -1 for t in tokens]
+        return [self.position[t] if t >= 0 else -1 for t in tokens]
 
     def mask(self, tokens: Iterable[int]) -> Optional[torch.Tensor]:
         """(V,) bool over the search's ids, True at these target ids; None if there are none."""

@@ -118,6 +118,7 @@ class Translator:
     avoid: tuple[str, ...] = ()  # phrases no line's output holds, besides each line's own
     drop_prefix: bool = False  # outputs without their prefix
     _output_rows: Optional[OutputRows] = field(default=None, init=False)  # the output layer, for shortlists
+    _spelled: dict = field(default_factory=dict, init=False)  # phrase to avoid -> its spellings (--avoid-file: every line)
 
     def __post_init__(self) -> None:
         if self.with_attention and self.model.decoder.mode != "attention":
@@ -171,10 +172,14 @@ class Translator:
         return tuple(ids)
 
     def _spellings(self, text: str, what: str, lineno: int) -> list[tuple[int, ...]]:
-        """A phrase to avoid in every spelling of it in pieces: a model may not spell it as the tokenizer does."""
-        canonical = self._target(text, what, lineno)
-        return [canonical, *(tuple(ids) for ids in self.tgt_tok.spellings(text)[1:]
-                             if not set(ids) & set(self.tgt_tok.unsafe_ids))]
+        """A phrase to avoid in every spelling of it in pieces: a model may not spell it as the tokenizer does.
+        Computed once per phrase: the same ones (an avoid file) come with every line."""
+        if text not in self._spelled:
+            canonical = self._target(text, what, lineno)
+            unsafe = set(self.tgt_tok.unsafe_ids)
+            self._spelled[text] = [canonical, *(tuple(ids) for ids in self.tgt_tok.spellings(text)[1:]
+                                                if not set(ids) & unsafe)]
+        return self._spelled[text]
 
     @property
     def _free_banned(self) -> list[int]:
