@@ -210,6 +210,49 @@ def translate(
         _err(f"translated {n} lines in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} lines/s)")
 
 
+@app.command()
+def poem(
+    input: str = typer.Argument("-", help="File of heads strings, one poem per line; '-' or nothing reads stdin (unless --heads)."),
+    first: Path = typer.Option(..., "--first", help="The first-line model: a head character -> a line (configs/poem_first.yaml)."),
+    next_model: Path = typer.Option(..., "--next", help="The next-line model: a line -> the line answering it (configs/couplets.yaml)."),
+    heads: Optional[str] = typer.Option(None, "--heads", help="The heads of one poem, e.g. 春夏秋冬: line k begins with character k."),
+    chars: int = typer.Option(5, "--chars", help="Characters per line (5 and 7 are the classical forms)."),
+    tones: bool = typer.Option(True, "--tones/--no-tones", help="Odd lines end on a 仄 tone, even lines on 平."),
+    fmt: str = typer.Option("text", "--format", "-f", help="text (the lines, a blank line between poems) or json (one object per poem)."),
+    beam: Optional[int] = BeamOpt,
+    device: Optional[str] = DeviceOpt,
+    overrides: List[str] = typer.Option([], "--set", help="Override a decoding key of the next-line model: --set decoding.no_echo=false (repeatable)."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Write acrostic poems (藏头诗): one line per head character, line k beginning with head k.
+
+    The first line grows from its head alone (a one-to-many model); each later line answers the line
+    before it (a couplet model, whose rules on repeats and echoes apply) with its head forced.
+
+    Examples:
+
+        seqtool poem --first runs/poem_first --next runs/couplets --heads 春夏秋冬 --chars 5
+
+        printf '春夏秋冬\n风花雪月\n' | seqtool poem --first runs/poem_first --next runs/couplets --format json
+    """
+    import json
+
+    from seqtool.data import iter_lines
+    from seqtool.poem import Poet
+
+    if fmt not in ("text", "json"):
+        raise SeqtoolError(f"--format must be text or json, not {fmt!r}")
+    flags = {"beam_size": beam, "device": device}
+    poet = Poet(_translator(first, [], flags, quiet), _translator(next_model, overrides, flags, quiet), tones)
+    texts = [heads] if heads is not None else iter_lines(input)
+    for n, text in enumerate(texts, 1):
+        lines = poet.write([text], chars, n)[0]
+        if fmt == "json":
+            print(json.dumps({"heads": text, "lines": lines}, ensure_ascii=False), flush=True)
+        else:
+            print(("\n" if n > 1 else "") + "\n".join(lines), flush=True)
+
+
 def _translate_to_file(translator, lines, output: Path, fmt: str, each) -> int:
     """Write under a temporary name and rename when complete, so the real name never holds half an output.
     If anything stops it (bad input on line N, a full disk, Ctrl-C, a bug), the lines already translated are
@@ -297,7 +340,9 @@ def evaluate(
     """Score output: translate --src with --model, or score an existing --hyp file.
 
     BLEU (13a, cased) and chrF come from sacrebleu, ROUGE from rouge-score (stemmed F1; best over
-    references per example). Couplet metrics: exact_length, punct_agreement, copy_rate (need --src).
+    references per example). couplet: BLEU-1/2/4 on characters, chrF, exact_length, punct_agreement,
+    tone_match, tone_opposed, repeat_agreement, echo_rate, distinct_1/2, copy_rate (needs --src);
+    definitions in docs/metrics.md.
 
     Examples:
 
@@ -417,6 +462,7 @@ def serve(
     device: Optional[str] = DeviceOpt,
     quantize: Optional[bool] = QuantizeOpt,
     shortlist: Optional[int] = ShortlistOpt,
+    poem_first: Optional[Path] = typer.Option(None, "--poem-first", help="Also write acrostic poems (POST /poem): this first-line model begins each, the served model answers each line."),
     overrides: List[str] = SetOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
@@ -442,7 +488,12 @@ def serve(
     flags = {"beam_size": beam, "batch_size": batch_size, "device": device, "quantize": quantize, "shortlist": shortlist}
     translator = _translator(model, overrides, flags, False, verbose, bundle=bundle, pieces=True)
     card = model_card(bundle, resolve_model_path(model))
-    run_server(make_app(translator, card, max_lines, wait_ms=wait_ms, max_queue=max_queue), host, port, verbose)
+    poet = None
+    if poem_first is not None:
+        from seqtool.poem import Poet
+
+        poet = Poet(_translator(poem_first, [], {"beam_size": beam, "device": device}, False), translator)
+    run_server(make_app(translator, card, max_lines, wait_ms=wait_ms, max_queue=max_queue, poet=poet), host, port, verbose)
 
 
 @tokenizer_app.command("train")

@@ -122,6 +122,9 @@ class DecodingConfig(Section):
     seed: int = Field(0, description="seed for sampling")
     exact_length: bool = Field(False, description="output exactly as many tokens as the input (couplets)")
     copy_punctuation: bool = Field(False, description="punctuation of the input at the same positions (needs exact_length)")
+    final_tone: bool = Field(False, description="couplets: the last character's tone answers the input's (仄 by 平, 平 by 仄)")
+    mirror_repeats: bool = Field(False, description="couplets: a character repeats exactly where the input's does")
+    no_echo: bool = Field(False, description="couplets: no character of the input at its own position")
     nbest: int = Field(1, gt=0)
     batch_size: int = Field(64, gt=0, le=100000, description="sentences per decoding batch")
     buffer_lines: int = Field(2000, gt=0, description="lines read ahead and sorted by length")
@@ -155,6 +158,9 @@ class Config(Section):
         d, problems = self.decoding, []
         if d.copy_punctuation and not d.exact_length:
             problems.append("decoding.copy_punctuation needs decoding.exact_length: true")
+        for rule in ("final_tone", "mirror_repeats", "no_echo"):
+            if getattr(d, rule) and not d.exact_length:
+                problems.append(f"decoding.{rule} needs decoding.exact_length: true (it compares positions of the two lines)")
         if d.exact_length and self.tokenizer.type != "word":
             problems.append("decoding.exact_length needs tokenizer.type word (one token per character, as couplets)")
         if self.model.copy_source and not self.tokenizer.joint:

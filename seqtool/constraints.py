@@ -31,6 +31,7 @@ Phrase = tuple[int, ...]
 class Constraint:
     """A rule that forbids nothing and has no state; subclasses override what they need."""
 
+    rule: ClassVar[str] = "the decoding rules"  # what a user set to get this rule, for messages
     ranks: ClassVar[bool] = False  # whether `bank` and `advancing` say anything
     soft: ClassVar[bool] = False  # a heuristic that yields where it would leave a hypothesis no token at all
 
@@ -49,6 +50,11 @@ class Constraint:
         return ()
 
 
+def _column(table: torch.Tensor, t: int, sents: torch.Tensor) -> torch.Tensor:
+    """Each row's entry at step t of its sentence's row of a (B, T) table; -1 past the table's end."""
+    return table[sents, t] if t < table.size(1) else torch.full_like(sents, -1)
+
+
 def _keep_only(lp: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> None:
     """In place: row rows[i] may only produce tokens[i]."""
     if rows.numel():
@@ -60,6 +66,8 @@ def _keep_only(lp: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> No
 @dataclass
 class Banned(Constraint):
     """Tokens never produced (PAD, BOS, UNK, pieces that would break a line)."""
+
+    rule: ClassVar[str] = "the tokens never produced (control characters, line breaks)"
 
     tokens: torch.Tensor  # (V,) bool
 
@@ -84,11 +92,13 @@ class Forced(Constraint):
     and EOS right after the last position (exact length). Elsewhere `free_banned` tokens are banned
     (copied punctuation appears nowhere else)."""
 
+    rule: ClassVar[str] = "the exact length and copied punctuation"
+
     table: torch.Tensor  # (B, T) token forced at step t, -1 where free
     free_banned: Optional[torch.Tensor] = None  # (V,) bool
 
     def mask(self, lp, t, sents):
-        f = self.table[sents, t] if t < self.table.size(1) else torch.full_like(sents, -1)
+        f = _column(self.table, t, sents)
         free = f < 0
         if self.free_banned is not None:
             lp = lp.masked_fill(free.unsqueeze(1) & self.free_banned.unsqueeze(0), NEG)
@@ -102,6 +112,7 @@ class NoRepeatNgram(Constraint):
     """No n-gram twice in a hypothesis, unless the other rules leave nothing else (a phrase to include may
     repeat an n-gram the output already has)."""
 
+    rule: ClassVar[str] = "decoding.no_repeat_ngram"
     soft: ClassVar[bool] = True
 
     n: int
@@ -126,6 +137,8 @@ class NoRepeatNgram(Constraint):
 class Avoid(Constraint):
     """Phrases (one or more tokens) that never appear: a phrase's last token is banned right after the rest."""
 
+    rule: ClassVar[str] = "a phrase to avoid"
+
     singles: torch.Tensor  # (B, V) bool: one-token phrases of each sentence
     follow: list[dict[Phrase, list[int]]]  # per sentence: the tokens before a longer phrase's last -> its last tokens
     keep: int  # tokens of history a row needs (longest phrase - 1)
@@ -149,6 +162,59 @@ class Avoid(Constraint):
         return Avoid(self.singles, self.follow, self.keep, tails)
 
 
+@dataclass
+class Mirror(Constraint):
+    """Couplets' repetition: a character repeats exactly where the input's does (叠字 AA -> BB, 重字 ABA ->
+    CDC) and nowhere else, so that no repetition in the output is an accident."""
+
+    rule: ClassVar[str] = "decoding.mirror_repeats"
+    pattern: torch.Tensor  # (B, T) per step: the earlier step whose token it repeats, itself where it must be new, -1: free
+    history: Optional[torch.Tensor] = None  # (rows, t) tokens so far
+
+    def mask(self, lp, t, sents):
+        if self.history is None:
+            return lp
+        p = _column(self.pattern, t, sents)
+        rows = ((p >= 0) & (p < t)).nonzero().squeeze(1)
+        _keep_only(lp, rows, self.history[rows, p[rows]])
+        new = (p == t).unsqueeze(1) & (self.pattern[sents, : min(t, self.pattern.size(1))] >= 0)
+        r, c = new.nonzero(as_tuple=True)
+        lp[r, self.history[r, c]] = NEG
+        return lp
+
+    def select(self, index, tokens, sents):
+        step = tokens.unsqueeze(1)
+        return Mirror(self.pattern, step if self.history is None else torch.cat([self.history[index], step], 1))
+
+
+@dataclass
+class NoEcho(Constraint):
+    """No character of the input at its own position in the output (合掌, an echo of the upper line)."""
+
+    rule: ClassVar[str] = "decoding.no_echo"
+    table: torch.Tensor  # (B, T) the token banned at each step, -1 where none
+
+    def mask(self, lp, t, sents):
+        e = _column(self.table, t, sents)
+        rows = (e >= 0).nonzero().squeeze(1)
+        lp[rows, e[rows]] = NEG
+        return lp
+
+
+@dataclass
+class Tone(Constraint):
+    """Tones asked at given steps: couplets' last character answers the input's (仄 by 平, 平 by 仄), a poem's
+    even lines end on 平. Tokens without a tone (seqtool.hanzi) are banned there too."""
+
+    rule: ClassVar[str] = "decoding.final_tone"
+    table: torch.Tensor  # (B, T) tone asked at each step, -1 where any
+    tones: torch.Tensor  # (V,) each token's tone (seqtool.hanzi.NONE / PING / ZE)
+
+    def mask(self, lp, t, sents):
+        want = _column(self.table, t, sents).unsqueeze(1)
+        return lp.masked_fill((want >= 0) & (self.tones.unsqueeze(0) != want), NEG)
+
+
 # (bitmask of phrases met, longest suffix of the output that begins an unmet phrase, whether the last token
 # completed a phrase)
 State = tuple[int, Phrase, bool]
@@ -166,6 +232,7 @@ class Include(Constraint):
     constraint tokens met (`bank`), so hypotheses that placed a phrase early survive beside those that
     did not (Post & Vilar 2018)."""
 
+    rule: ClassVar[str] = "a phrase to include (a phrase ends where its word ends)"
     ranks: ClassVar[bool] = True
     phrases: list[tuple[Phrase, ...]]  # per sentence
     runs: list[list[tuple[int, int]]]  # per sentence: [start, end) of each run of free steps
@@ -356,6 +423,10 @@ class LineSpec:
     prefix: Phrase = ()
     include: tuple[Phrase, ...] = ()
     avoid: tuple[Phrase, ...] = ()
+    # couplets' rules, per position of an exact-length output (seqtool.verse.couplet_controls)
+    mirror: Optional[Phrase] = None  # the earlier position repeated, the position itself where new, -1: free
+    echo: Optional[Phrase] = None  # the token not to produce, -1: none
+    tones: Optional[Phrase] = None  # the tone asked (seqtool.hanzi), -1: any
 
     def fixed(self) -> list[int]:
         """The token each step must take (-1 where free): prefix, positions, and EOS after exact length."""
@@ -438,24 +509,30 @@ def _fits(line: LineSpec, d: DecodingConfig) -> bool:
     return include.feasible(0, state, len(line.prefix))
 
 
-def make_rules(lines: Sequence[LineSpec], d: DecodingConfig, vocab_size: int, banned: Iterable[int] = (),
-               free_banned: Iterable[int] = (), space: Optional[torch.Tensor] = None,
-               device: torch.device | str = "cpu", glue: Iterable[int] = ()) -> Rules:
-    """The rules of a batch of lines that passed `line_problem`. `banned` target ids are never produced
-    (besides PAD, BOS and UNK); `free_banned` ones only where a position forces them; `glue` ones (pieces
-    inside a word) never right after a phrase to include. With a shortlist, `space` holds its sorted
+@dataclass(frozen=True)
+class Vocab:
+    """What the rules need to know of the target vocabulary (target ids)."""
+
+    size: int
+    banned: tuple[int, ...] = ()  # never produced, besides PAD, BOS and UNK
+    free_banned: tuple[int, ...] = ()  # only where a position forces them (copied punctuation)
+    glue: tuple[int, ...] = ()  # pieces inside a word: never right after a phrase to include
+    tones: tuple[int, ...] = ()  # each token's tone (seqtool.hanzi), for rules that ask one
+
+
+def make_rules(lines: Sequence[LineSpec], d: DecodingConfig, vocab: Vocab, space: Optional[torch.Tensor] = None,
+               device: torch.device | str = "cpu") -> Rules:
+    """The rules of a batch of lines that passed `line_problem`. With a shortlist, `space` holds its sorted
     target ids and the rules are over positions in it."""
-    to = _Space(vocab_size, space, device)
+    to = _Space(vocab.size, space, device)
     limits = [length_limit(line, d) for line in lines]
-    rules: list[Constraint] = [Banned(to.mask([PAD, BOS, UNK, *banned]))]
+    rules: list[Constraint] = [Banned(to.mask([PAD, BOS, UNK, *vocab.banned]))]
     mins = [len(line.positions) if line.positions is not None else min(d.min_len, limit)
             for line, limit in zip(lines, limits)]
     rules.append(MinLength(torch.tensor(mins, device=device)))
     fixed = [line.fixed() for line in lines]
     if any(fixed):
-        width = max(len(f) for f in fixed)
-        table = torch.tensor([to.ids(f) + [-1] * (width - len(f)) for f in fixed], dtype=torch.long)
-        rules.append(Forced(table.to(device), to.mask(free_banned)))
+        rules.append(Forced(_table([to.ids(f) for f in fixed], device), to.mask(vocab.free_banned)))
     if d.no_repeat_ngram:
         rules.append(NoRepeatNgram(d.no_repeat_ngram))
     if any(line.avoid for line in lines):
@@ -463,8 +540,35 @@ def make_rules(lines: Sequence[LineSpec], d: DecodingConfig, vocab_size: int, ba
     if any(line.include for line in lines):
         phrases = [tuple(dict.fromkeys(tuple(to.ids(p)) for p in line.include)) for line in lines]
         assert all(min(p) >= 0 for line in phrases for p in line), "a constraint token is not in the shortlist"
-        rules.append(Include(phrases, [free_runs(f, limit) for f, limit in zip(fixed, limits)], to.mask(glue)))
+        rules.append(Include(phrases, [free_runs(f, limit) for f, limit in zip(fixed, limits)], to.mask(vocab.glue)))
+    if any(line.mirror for line in lines):
+        rules.append(Mirror(_table([line.mirror or () for line in lines], device)))
+    if any(line.echo for line in lines):
+        rules.append(NoEcho(_table([to.ids(line.echo or ()) for line in lines], device)))
+    if any(line.tones for line in lines):
+        tones = torch.tensor(vocab.tones, dtype=torch.long)
+        rules.append(Tone(_table([line.tones or () for line in lines], device),
+                          (tones if space is None else tones[space.cpu()]).to(device)))
     return Rules(limits, rules)
+
+
+def _table(rows: Sequence[Sequence[int]], device: torch.device | str) -> torch.Tensor:
+    """(B, T) long tensor of per-step entries, -1 past each row's end."""
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([list(r) + [-1] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+
+
+def prefix_problem(line: LineSpec, d: DecodingConfig, vocab: Vocab) -> Optional[str]:
+    """Why the line's prefix breaks a rule, or None: the prefix is run through the rules as a search would
+    take it, so that every rule, present or future, is checked the same way."""
+    rules = make_rules([line], d, vocab)
+    sents = torch.zeros(1, dtype=torch.long)
+    for t, tok in enumerate(line.prefix):
+        for c in rules.constraints:
+            if not c.soft and torch.isneginf(c.mask(torch.zeros(1, vocab.size), t, sents)[0, tok]):
+                return f"the prefix's token {t + 1} breaks {c.rule}"
+        rules = rules.select(torch.zeros(1, dtype=torch.long), torch.tensor([tok]), sents)
+    return None
 
 
 def free_runs(fixed: list[int], limit: int) -> list[tuple[int, int]]:

@@ -5,20 +5,32 @@ Definitions (also in docs/metrics.md):
 - bleu_char: sacrebleu BLEU with tokenize=none on text split into single characters (couplets).
 - rouge1 / rouge2 / rougeL: rouge-score F1 with stemming, mean over examples; with several
   references, the best F1 over the references for each example.
-- exact_length: share of outputs with as many characters (spaces ignored) as their source.
-- punct_agreement: share of outputs whose punctuation characters and positions equal the source's.
-- copy_rate: share of outputs identical to their source (a degenerate copy).
+- couplet: BLEU-1/2/4 on characters, chrF, and what a reader checks of a lower line against its upper
+  line (positions are characters, spaces ignored; tones from seqtool.hanzi):
+  - exact_length: share of outputs with as many characters as their source.
+  - punct_agreement: share of outputs whose punctuation characters and positions equal the source's.
+  - tone_match: of the sources whose last non-punctuation character has a tone, the share of outputs
+    whose last non-punctuation character has the opposite tone (仄 answered by 平, 平 by 仄).
+  - tone_opposed: of the positions where both lines have a non-punctuation character with a tone,
+    the share whose tones are opposed.
+  - repeat_agreement: share of outputs whose repetition pattern equals the source's (a character
+    repeats exactly where the source's does: 叠字 AA -> BB, 重字 ABA -> CDC).
+  - echo_rate: of the positions where both lines have a non-punctuation character, the share where
+    the output has the source's character (合掌; lower is better).
+  - distinct_1 / distinct_2: distinct characters / character bigrams over all outputs, as a share of
+    all of them (diversity; Li et al. 2016).
+  - copy_rate: share of outputs identical to their source (a degenerate copy).
 """
 
 from __future__ import annotations
 
-import unicodedata
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import sacrebleu
 
 from seqtool.errors import DataError
+from seqtool.hanzi import NONE, is_punct, opposite, repetition_pattern, tone
 
 METRICS = ("bleu", "chrf", "bleu_char", "rouge", "couplet")
 
@@ -34,20 +46,53 @@ def _chars(text: str) -> list[str]:
     return [c for c in text if not c.isspace()]
 
 
-def _is_punct(c: str) -> bool:
-    return unicodedata.category(c).startswith("P")
+def _content(chars: list[str]) -> list[int]:
+    """Positions of the characters that are not punctuation."""
+    return [i for i, c in enumerate(chars) if not is_punct(c)]
+
+
+def _bleu_chars(name: str, hyps: Sequence[str], refs: Sequence[Sequence[str]], order: int = 4) -> Score:
+    """BLEU up to `order`-grams on single characters (spaces dropped: 春风 and 春 风 score the same)."""
+    metric = sacrebleu.BLEU(tokenize="none", max_ngram_order=order, force=True)
+    h, r = [" ".join(_chars(x)) for x in hyps], [[" ".join(_chars(x)) for x in rs] for rs in refs]
+    return Score(name, metric.corpus_score(h, r).score, str(metric.get_signature()))
 
 
 def couplet_scores(hyps: Sequence[str], srcs: Sequence[str]) -> list[Score]:
+    """What a reader of couplets checks of each lower line (hyp) against its upper line (src); see the
+    module docstring. Tones are pypinyin's modern readings (seqtool.hanzi)."""
     n = max(len(hyps), 1)
-    exact = punct = copy = 0
+    exact = punct = copy = repeat = 0
+    tone_lines = tone_met = pos_pairs = pos_opposed = echo_pos = echoed = 0
+    grams: tuple[set, set] = (set(), set())
+    gram_count = [0, 0]
     for h, s in zip(hyps, srcs):
         hc, sc = _chars(h), _chars(s)
         exact += len(hc) == len(sc)
-        punct += [(i, c) for i, c in enumerate(hc) if _is_punct(c)] == [(i, c) for i, c in enumerate(sc) if _is_punct(c)]
+        punct += [(i, c) for i, c in enumerate(hc) if is_punct(c)] == [(i, c) for i, c in enumerate(sc) if is_punct(c)]
         copy += hc == sc
-    return [Score("exact_length", 100.0 * exact / n), Score("punct_agreement", 100.0 * punct / n),
-            Score("copy_rate", 100.0 * copy / n)]
+        repeat += repetition_pattern(hc) == repetition_pattern(sc)
+        s_content, h_content = _content(sc), _content(hc)
+        if s_content and tone(sc[s_content[-1]]) != NONE:
+            tone_lines += 1
+            tone_met += bool(h_content) and tone(hc[h_content[-1]]) == opposite(tone(sc[s_content[-1]]))
+        for i in s_content:
+            if i < len(hc) and not is_punct(hc[i]):
+                echo_pos += 1
+                echoed += hc[i] == sc[i]
+                if tone(sc[i]) != NONE and tone(hc[i]) != NONE:
+                    pos_pairs += 1
+                    pos_opposed += tone(hc[i]) == opposite(tone(sc[i]))
+        for k in (1, 2):
+            line = [tuple(hc[i:i + k]) for i in range(len(hc) - k + 1)]
+            grams[k - 1].update(line)
+            gram_count[k - 1] += len(line)
+    share = lambda a, b: 100.0 * a / b if b else 0.0
+    return [Score("exact_length", share(exact, n)), Score("punct_agreement", share(punct, n)),
+            Score("tone_match", share(tone_met, tone_lines)), Score("tone_opposed", share(pos_opposed, pos_pairs)),
+            Score("repeat_agreement", share(repeat, n)), Score("echo_rate", share(echoed, echo_pos)),
+            Score("distinct_1", share(len(grams[0]), gram_count[0])),
+            Score("distinct_2", share(len(grams[1]), gram_count[1])), Score("copy_rate", share(copy, n))]
 
 
 def rouge_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> list[Score]:
@@ -76,19 +121,19 @@ def score(hyps: Sequence[str], refs: Sequence[Sequence[str]], metrics: Sequence[
             raise DataError(f"{len(hyps)} hypotheses but {len(ref_set)} references; they must be line-aligned")
     out: list[Score] = []
     for name in metrics:
-        if name in ("bleu", "chrf", "bleu_char"):
-            if name == "bleu_char":
-                metric = sacrebleu.BLEU(tokenize="none", force=True)
-                h, r = [" ".join(_chars(x)) for x in hyps], [[" ".join(_chars(x)) for x in rs] for rs in refs]
-            else:
-                metric = sacrebleu.BLEU(force=True) if name == "bleu" else sacrebleu.CHRF()
-                h, r = list(hyps), [list(rs) for rs in refs]
-            out.append(Score(name, metric.corpus_score(h, r).score, str(metric.get_signature())))
+        if name in ("bleu", "chrf"):
+            metric = sacrebleu.BLEU(force=True) if name == "bleu" else sacrebleu.CHRF()
+            out.append(Score(name, metric.corpus_score(list(hyps), [list(rs) for rs in refs]).score,
+                             str(metric.get_signature())))
+        elif name == "bleu_char":
+            out.append(_bleu_chars(name, hyps, refs))
         elif name == "rouge":
             out += rouge_scores(hyps, refs)
         elif name == "couplet":
             if srcs is None or len(srcs) != len(hyps):
                 raise DataError("couplet metrics need the source lines (--src), line-aligned with the output")
+            out += [_bleu_chars(f"bleu_{order}", hyps, refs, order) for order in (1, 2, 4)]
+            out += [] if "chrf" in metrics else score(hyps, refs, ("chrf",))
             out += couplet_scores(hyps, srcs)
     return out
 

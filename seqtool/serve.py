@@ -2,6 +2,8 @@
 
     POST /translate  {"lines": ["...", {"text": "...", "prefix": "...", "constraints": [...], "avoid": [...]}]}
                      ->  {"translations": [{"text", "nbest", "pieces", ...}]}
+    POST /poem       {"heads": "春夏秋冬", "chars": 5, "tones": true}  ->  {"heads", "lines": [...]}
+                     (acrostic poems: with `seqtool serve --poem-first MODEL`, the served model answers each line)
     GET  /health     ->  {"status": "ok", "requests": N, "lines": N, "batches": N, "refused_busy": N, "waiting": N}
     GET  /info       ->  the model card (as `seqtool info --json`)
 
@@ -17,10 +19,11 @@ import ipaddress
 import socket
 import sys
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Union
 
 from seqtool.errors import SeqtoolError, one_line
+from seqtool.poem import Poet
 from seqtool.translate import Prepared, Source, Translation, Translator, translation_record
 
 try:
@@ -48,6 +51,13 @@ class Line(BaseModel):
 class TranslateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lines: list[Union[str, Line]]
+
+
+class PoemRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    heads: str
+    chars: int = 5
+    tones: bool = True
 
 
 def _source(line: str | Line) -> Source:
@@ -163,7 +173,8 @@ async def read_body(request: Request, max_body: int, timeout_s: float) -> bytes:
 
 
 def make_app(translator: Translator, card: dict, max_lines: int = 1000, max_body: int = 1 << 20,
-             wait_ms: float = 5.0, max_queue: int = 10_000, body_timeout_s: float = 10.0) -> FastAPI:
+             wait_ms: float = 5.0, max_queue: int = 10_000, body_timeout_s: float = 10.0,
+             poet: Optional[Poet] = None) -> FastAPI:
     batcher = Batcher(translator, max_lines, wait_ms / 1000, max_queue)
 
     def too_large() -> JSONResponse:
@@ -196,11 +207,11 @@ def make_app(translator: Translator, card: dict, max_lines: int = 1000, max_body
     async def info() -> dict:
         return card
 
-    @app.post("/translate")
-    async def translate(request: Request):
-        # The body is read as JSON whatever its Content-Type says (curl -d sends form-encoded).
+    async def parse(request: Request, schema: type[BaseModel]):
+        """The request body as `schema`, or the error response. The body is read as JSON whatever its
+        Content-Type says (curl -d sends form-encoded)."""
         try:
-            req = TranslateRequest.model_validate_json(await read_body(request, max_body, body_timeout_s))
+            return schema.model_validate_json(await read_body(request, max_body, body_timeout_s))
         except ValidationError as exc:
             return JSONResponse({"error": _one_line(exc)}, status_code=400)
         except BodyTooLarge:
@@ -209,12 +220,11 @@ def make_app(translator: Translator, card: dict, max_lines: int = 1000, max_body
             return JSONResponse({"error": f"request body not received within {body_timeout_s:g} s"}, status_code=408)
         except ClientDisconnect:  # gone before its body was whole: nobody to answer
             return JSONResponse({"error": "client disconnected"}, status_code=400)
-        if len(req.lines) > max_lines:
-            return JSONResponse({"error": f"lines: at most {max_lines} per request, got {len(req.lines)}"},
-                                status_code=400)
+
+    async def answer(work):
+        """Await `work()` for the response body; errors become their status."""
         try:
-            prepared = [translator.prepare(_source(line), i) for i, line in enumerate(req.lines, 1)]
-            results = await batcher.translate(prepared)
+            return await work()
         except Busy as exc:
             return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "1"})
         except SeqtoolError as exc:
@@ -223,7 +233,33 @@ def make_app(translator: Translator, card: dict, max_lines: int = 1000, max_body
             message = one_line(f"internal error: {type(exc).__name__}: {exc}".splitlines()[0])
             print(f"seqtool: {message}", file=sys.stderr, flush=True)
             return JSONResponse({"error": message}, status_code=500)
-        return {"translations": [translation_record(t) for t in results]}
+
+    @app.post("/translate")
+    async def translate(request: Request):
+        req = await parse(request, TranslateRequest)
+        if isinstance(req, JSONResponse):
+            return req
+        if len(req.lines) > max_lines:
+            return JSONResponse({"error": f"lines: at most {max_lines} per request, got {len(req.lines)}"},
+                                status_code=400)
+
+        async def work():
+            prepared = [translator.prepare(_source(line), i) for i, line in enumerate(req.lines, 1)]
+            return {"translations": [translation_record(t) for t in await batcher.translate(prepared)]}
+        return await answer(work)
+
+    @app.post("/poem")
+    async def poem(request: Request):
+        if poet is None:
+            return JSONResponse({"error": "this server writes no poems: start it with --poem-first MODEL"}, status_code=404)
+        req = await parse(request, PoemRequest)
+        if isinstance(req, JSONResponse):
+            return req
+
+        async def work():
+            lines = await asyncio.to_thread(replace(poet, tones=req.tones).write, [req.heads], req.chars)
+            return {"heads": req.heads, "lines": lines[0]}
+        return await answer(work)
 
     return app
 

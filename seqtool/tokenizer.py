@@ -63,8 +63,21 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         if self.word:  # sentencepiece would merge neighbouring unknown words into one <unk>
-            return [self.sp.piece_to_id("\u2581" + w) for w in _escape(text).split()]
+            return [self.sp.piece_to_id("\u2581" + w) for w in self.words(text)]
         return self.sp.encode(_escape(text))
+
+    def words(self, text: str) -> list[str]:
+        """tokenizer.type word: a line's tokens (escaped), one id each. A token the vocabulary lacks that is
+        all CJK characters is read as its characters: couplets are one character per token, and people
+        type 春风得意 without spaces."""
+        out: list[str] = []
+        for w in _escape(text).split():
+            if len(w) > 1 and self.sp.piece_to_id("\u2581" + w) == UNK and \
+                    all(unicodedata.east_asian_width(c) in ("W", "F") for c in w):
+                out += w
+            else:
+                out.append(w)
+        return out
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if self.word:

@@ -16,24 +16,29 @@ from typing import Callable, Iterable, Iterator, Optional, TextIO
 import torch
 
 from seqtool.config import DecodingConfig
-from seqtool.constraints import LineSpec, line_problem, make_rules
+from seqtool.constraints import LineSpec, Vocab, line_problem, make_rules, prefix_problem
 from seqtool.data import make_batch
 from seqtool.errors import DataError, SeqtoolError
+from seqtool.hanzi import NONE, tone
 from seqtool.model.seq2seq import Seq2Seq
 from seqtool.search import Hypothesis, argmax, beam_search, greedy, sampler
 from seqtool.shortlist import BatchVocab, OutputRows, Shortlist
 from seqtool.tokenizer import UNK, Tokenizer
+from seqtool.verse import couplet_controls
 
 
 @dataclass(frozen=True)
 class Source:
     """One input line and its own controls (all optional): the output begins with `prefix`, holds each
-    phrase of `constraints` and none of `avoid`."""
+    phrase of `constraints` and none of `avoid`; a poem's lines also ask `length` characters (0: as the
+    decoding config says) ending on `end_tone` (seqtool.hanzi; NONE: as the config says)."""
 
     text: str
     prefix: str = ""
     constraints: tuple[str, ...] = ()
     avoid: tuple[str, ...] = ()
+    length: int = 0
+    end_tone: int = NONE
 
 
 FIELDS = ("text", "prefix", "constraints", "avoid")
@@ -119,6 +124,7 @@ class Translator:
     drop_prefix: bool = False  # outputs without their prefix
     _output_rows: Optional[OutputRows] = field(default=None, init=False)  # the output layer, for shortlists
     _spelled: dict = field(default_factory=dict, init=False)  # phrase to avoid -> its spellings (--avoid-file: every line)
+    _tones: Optional[tuple[int, ...]] = field(default=None, init=False)  # each target token's tone, once asked
 
     def __post_init__(self) -> None:
         if self.with_attention and self.model.decoder.mode != "attention":
@@ -143,17 +149,27 @@ class Translator:
             self.warn(f"line {lineno}: {len(ids)} tokens, truncated to {limit} (decoding.max_input_tokens)")
             ids = ids[:limit]
         d = self.decoding
-        positions = None
-        if d.exact_length:
+        positions, chars = None, None
+        if source.length:  # no upper line to answer: every position free
+            positions = (-1,) * source.length
+        elif d.exact_length:
             src_p, tgt_p = self.src_tok.punctuation, self.tgt_tok.punctuation
             to_tgt = {i: tgt_p[piece] for piece, i in src_p.items() if piece in tgt_p} if d.copy_punctuation else {}
             positions = tuple(to_tgt.get(i, -1) for i in ids)
-        prefix = source.prefix or self.prefix
-        spec = LineSpec(len(ids), positions, self._target(prefix, "the prefix", lineno) if prefix else (),
-                        tuple(self._target(p, "a constraint", lineno) for p in source.constraints),
+            chars = self.src_tok.words(source.text)[: len(ids)]  # as typed: an unknown character stays itself
+            if all(i == UNK for i in ids):
+                raise DataError(f"line {lineno}: none of its characters is in the model's vocabulary "
+                                "(this model answers lines of one character per position, as couplets)")
+        mirror, echo, tones = couplet_controls(chars, len(positions), d, source.end_tone) if positions else (None,) * 3
+        text = source.prefix or self.prefix
+        prefix = self._target(text, "the prefix", lineno) if text else ()
+        if echo:  # a prefix is the user's explicit choice: an echo there is wanted
+            echo = tuple(-1 if i < len(prefix) else self._target_id(c) for i, c in enumerate(echo))
+        spec = LineSpec(len(ids), positions, prefix, tuple(self._target(p, "a constraint", lineno) for p in source.constraints),
                         tuple(spelled for p in (*source.avoid, *self.avoid)
-                              for spelled in self._spellings(p, "an avoided phrase", lineno)))
-        problem = line_problem(spec, d, self._free_banned)
+                              for spelled in self._spellings(p, "an avoided phrase", lineno)),
+                        mirror, echo, tones)
+        problem = line_problem(spec, d, self._free_banned) or (spec.prefix and prefix_problem(spec, d, self._vocab(spec)))
         if problem:
             raise DataError(f"line {lineno}: {problem}")
         return Prepared(ids, spec)
@@ -181,10 +197,25 @@ class Translator:
                                                 if not set(ids) & unsafe)]
         return self._spelled[text]
 
+    def _target_id(self, word: str) -> int:
+        """A source token's text as a target id, -1 if the target vocabulary lacks it (or there is no text)."""
+        i = self.tgt_tok.sp.piece_to_id("\u2581" + word) if word else UNK
+        return -1 if i == UNK else i
+
     @property
     def _free_banned(self) -> list[int]:
         """Copied punctuation appears only where the input has it."""
         return list(self.tgt_tok.punctuation.values()) if self.decoding.copy_punctuation else []
+
+    def _vocab(self, *specs: LineSpec) -> Vocab:
+        """The target vocabulary as the rules of these lines need it (tones only where one is asked)."""
+        tok = self.tgt_tok
+        tones = ()
+        if any(spec.tones for spec in specs):
+            if self._tones is None:
+                self._tones = tuple(tone(piece.removeprefix("\u2581")) for piece in tok.id_pieces(range(tok.vocab_size)))
+            tones = self._tones
+        return Vocab(tok.vocab_size, tuple(tok.unsafe_ids), tuple(self._free_banned), tuple(tok.glue_ids), tones)
 
     def search(self, lines: list[Prepared]) -> list[list[Hypothesis]]:
         """Decode a batch of prepared lines."""
@@ -195,8 +226,8 @@ class Translator:
         if d.shortlist:
             required = torch.tensor([tok for p in lines for tok in p.spec.required_tokens()], dtype=torch.long)
             vocab = self.batch_vocab(ids, required)
-        rules = make_rules([p.spec for p in lines], d, self.tgt_tok.vocab_size, self.tgt_tok.unsafe_ids,
-                           self._free_banned, None if vocab is None else vocab.ids, device, self.tgt_tok.glue_ids)
+        specs = [p.spec for p in lines]
+        rules = make_rules(specs, d, self._vocab(*specs), None if vocab is None else vocab.ids, device)
         if d.sample or (d.beam_size == 1 and d.nbest == 1):
             pick = sampler(d.temperature, d.top_k, d.top_p, d.seed) if d.sample else argmax
             return greedy(self.model, batch.src, batch.src_lens, rules, d.length_penalty, pick, vocab)

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seqtool.config import DecodingConfig, ModelConfig
-from seqtool.constraints import LineSpec, make_rules
+from seqtool.constraints import LineSpec, Vocab, make_rules
 from seqtool.data import make_batch
 from seqtool.model.seq2seq import build_model
 from seqtool.search import beam_search, greedy, length_penalty
@@ -29,15 +29,16 @@ def model_for(cell, context, copy=False, attention="bahdanau"):
 
 
 def rules_for(srcs, forced=None, free_banned=(), banned=(), prefix=None, include=None, avoid=None, space=None,
-              glue=(), **decoding):
-    """The rules of a batch: `forced` (exact length, -1 = free), `prefix`, `include`, `avoid`: one entry per
-    source; the rest are decoding keys (max_len_a 1.5, max_len_b 4 unless given)."""
+              glue=(), mirror=None, echo=None, tones=None, vocab_tones=(), **decoding):
+    """The rules of a batch: `forced` (exact length, -1 = free), `prefix`, `include`, `avoid`, `mirror`, `echo`,
+    `tones`: one entry per source; the rest are decoding keys (max_len_a 1.5, max_len_b 4 unless given)."""
     d = DecodingConfig(**{"max_len_a": 1.5, "max_len_b": 4, **decoding})
     n = len(srcs)
     specs = [LineSpec(len(s), tuple(forced[i]) if forced else None, tuple(prefix[i]) if prefix else (),
-                      tuple(map(tuple, include[i])) if include else (), tuple(map(tuple, avoid[i])) if avoid else ())
+                      tuple(map(tuple, include[i])) if include else (), tuple(map(tuple, avoid[i])) if avoid else (),
+                      *(tuple(x[i]) if x else None for x in (mirror, echo, tones)))
              for i, s in zip(range(n), srcs)]
-    return make_rules(specs, d, V, banned, free_banned, space, glue=glue)
+    return make_rules(specs, d, Vocab(V, tuple(banned), tuple(free_banned), tuple(glue), tuple(vocab_tones)), space)
 
 
 def run(search, srcs, which=("gru", "attention"), **rule_args):

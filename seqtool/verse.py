@@ -1,0 +1,38 @@
+"""Chinese verse: the rules of a couplet's lower line, derived from its upper line, as per-position controls.
+
+The search enforces them through seqtool.constraints (Mirror, NoEcho, Tone); this module only says,
+for one line, what they ask at each position of the exact-length output.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from seqtool.config import DecodingConfig
+from seqtool.hanzi import NONE, is_punct, opposite, repetition_pattern, tone
+
+Controls = tuple[Optional[tuple[int, ...]], Optional[tuple[str, ...]], Optional[tuple[int, ...]]]
+
+
+def couplet_controls(chars: Optional[Sequence[str]], length: int, d: DecodingConfig, end_tone: int = NONE) -> Controls:
+    """(mirror pattern, the character not to echo at each position, the tone asked at each position) for an
+    output of `length` characters answering the upper line `chars` (one per position; None: no upper
+    line, as for a poem's first line). Each is None where its rule is off. `end_tone` (seqtool.hanzi), if
+    given, is the tone the last character must have, whatever `decoding.final_tone` would ask."""
+    if chars is None:
+        pattern, content, want = None, list(range(length)), end_tone
+    else:
+        pattern = [-1 if is_punct(c) else p for c, p in zip(chars, repetition_pattern(list(chars)))]
+        content = [i for i, p in enumerate(pattern) if p >= 0]
+        want = end_tone
+        if want == NONE and d.final_tone and content:
+            want = opposite(tone(chars[content[-1]]))
+    mirror = tuple(pattern) if pattern is not None and d.mirror_repeats else None
+    echo = tuple("" if is_punct(c) else c for c in chars) if chars is not None and d.no_echo else None
+    tones = None
+    if want != NONE and content:
+        last = content[-1]
+        # with repetition mirrored, the positions that repeat the last character must have its tone too
+        tied = {i for i in content if mirror is not None and mirror[i] == mirror[last]} | {last}
+        tones = tuple(want if i in tied else -1 for i in range(length))
+    return mirror, echo, tones
