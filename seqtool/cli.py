@@ -238,10 +238,12 @@ def poem(
     import json
 
     from seqtool.data import iter_lines
-    from seqtool.poem import Poet
+    from seqtool.poem import MAX_CHARS, Poet
 
     if fmt not in ("text", "json"):
         raise SeqtoolError(f"--format must be text or json, not {fmt!r}")
+    if not 2 <= chars <= MAX_CHARS:
+        raise SeqtoolError(f"--chars {chars}: a line has 2 to {MAX_CHARS} characters")
     flags = {"beam_size": beam, "device": device}
     poet = Poet(_translator(first, [], flags, quiet), _translator(next_model, overrides, flags, quiet), tones)
     texts = [heads] if heads is not None else iter_lines(input)

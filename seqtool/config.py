@@ -159,8 +159,9 @@ class Config(Section):
         if d.copy_punctuation and not d.exact_length:
             problems.append("decoding.copy_punctuation needs decoding.exact_length: true")
         for rule in ("final_tone", "mirror_repeats", "no_echo"):
-            if getattr(d, rule) and not d.exact_length:
-                problems.append(f"decoding.{rule} needs decoding.exact_length: true (it compares positions of the two lines)")
+            if getattr(d, rule) and not (d.exact_length and d.copy_punctuation):
+                problems.append(f"decoding.{rule} needs decoding.exact_length and copy_punctuation: true (it compares "
+                                "the characters of the two lines position by position)")
         if d.exact_length and self.tokenizer.type != "word":
             problems.append("decoding.exact_length needs tokenizer.type word (one token per character, as couplets)")
         if self.model.copy_source and not self.tokenizer.joint:

@@ -206,7 +206,7 @@ class Tone(Constraint):
     """Tones asked at given steps: couplets' last character answers the input's (仄 by 平, 平 by 仄), a poem's
     even lines end on 平. Tokens without a tone (seqtool.hanzi) are banned there too."""
 
-    rule: ClassVar[str] = "decoding.final_tone"
+    rule: ClassVar[str] = "the tone asked of the line's end (decoding.final_tone; a poem's line ends)"
     table: torch.Tensor  # (B, T) tone asked at each step, -1 where any
     tones: torch.Tensor  # (V,) each token's tone (seqtool.hanzi.NONE / PING / ZE)
 
@@ -559,9 +559,12 @@ def _table(rows: Sequence[Sequence[int]], device: torch.device | str) -> torch.T
 
 
 def prefix_problem(line: LineSpec, d: DecodingConfig, vocab: Vocab) -> Optional[str]:
-    """Why the line's prefix breaks a rule, or None: the prefix is run through the rules as a search would
-    take it, so that every rule, present or future, is checked the same way."""
-    rules = make_rules([line], d, vocab)
+    """Why the line's prefix breaks a couplet rule (a tone, a repeat), or None. The prefix is run through those
+    rules as the search would take it; `line_problem` checks what the other rules ask of a prefix."""
+    if not line.prefix or not (line.mirror or line.echo or line.tones):
+        return None
+    rules = make_rules([LineSpec(line.src_len, line.positions, line.prefix, mirror=line.mirror, echo=line.echo,
+                                 tones=line.tones)], d, vocab)
     sents = torch.zeros(1, dtype=torch.long)
     for t, tok in enumerate(line.prefix):
         for c in rules.constraints:

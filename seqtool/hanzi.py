@@ -13,7 +13,6 @@ import unicodedata
 from functools import lru_cache
 
 NONE, PING, ZE = 0, 1, 2
-NAMES = {NONE: "none", PING: "平", ZE: "仄"}
 
 
 @lru_cache(maxsize=None)
@@ -31,6 +30,12 @@ def tone(char: str) -> int:
 def opposite(t: int) -> int:
     """The tone that answers `t` (平 answers 仄 and the other way round); NONE answers NONE."""
     return {PING: ZE, ZE: PING}.get(t, NONE)
+
+
+def is_wide(c: str) -> bool:
+    """A character East Asian scripts write one per cell (CJK ideographs, kana, hangul, full-width marks):
+    words without spaces between them."""
+    return unicodedata.east_asian_width(c) in ("W", "F")
 
 
 def is_punct(token: str) -> bool:

@@ -87,7 +87,9 @@ def couplet_scores(hyps: Sequence[str], srcs: Sequence[str]) -> list[Score]:
             line = [tuple(hc[i:i + k]) for i in range(len(hc) - k + 1)]
             grams[k - 1].update(line)
             gram_count[k - 1] += len(line)
-    share = lambda a, b: 100.0 * a / b if b else 0.0
+    def share(part: int, whole: int) -> float:
+        return 100.0 * part / whole if whole else 0.0
+
     return [Score("exact_length", share(exact, n)), Score("punct_agreement", share(punct, n)),
             Score("tone_match", share(tone_met, tone_lines)), Score("tone_opposed", share(pos_opposed, pos_pairs)),
             Score("repeat_agreement", share(repeat, n)), Score("echo_rate", share(echoed, echo_pos)),

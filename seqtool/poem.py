@@ -10,11 +10,10 @@ no echo) apply as in any couplet.
 
 from __future__ import annotations
 
-import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from seqtool.errors import DataError, SeqtoolError
-from seqtool.hanzi import NONE, PING, ZE
+from seqtool.hanzi import NONE, PING, ZE, is_punct, is_wide
 from seqtool.tokenizer import UNK
 from seqtool.translate import Source, Translator
 
@@ -24,13 +23,16 @@ MAX_CHARS = 32  # the longest lines of the couplet data
 @dataclass
 class Poet:
     first: Translator  # a head character -> a line
-    next: Translator  # a line -> the line answering it
-    tones: bool = True  # odd lines end on 仄, even lines on 平
+    next_line: Translator  # a line -> the line answering it
+    tones: bool = True  # odd lines end on 仄, even lines on 平; False: no tone asked, the next-line model's own rule off too
 
     def __post_init__(self) -> None:
-        if not self.next.decoding.exact_length:
-            raise SeqtoolError("the next-line model must answer with a line of the same length "
-                               "(decoding.exact_length: true, as a couplet model)")
+        if not (self.first.tgt_tok.word and self.next_line.decoding.exact_length):
+            raise SeqtoolError("a poem needs a first-line model that writes characters (tokenizer.type word) and a "
+                               "next-line model that answers with a line of the same length (decoding.exact_length, "
+                               "as a couplet model)")
+        if not self.tones and self.next_line.decoding.final_tone:
+            self.next_line = replace(self.next_line, decoding=self.next_line.decoding.model_copy(update={"final_tone": False}))
 
     def heads(self, text: str, lineno: int) -> list[str]:
         """The head characters of one poem; a DataError names the first that cannot head a line."""
@@ -38,29 +40,30 @@ class Poet:
         if not heads:
             raise DataError(f"line {lineno}: no head characters")
         for c in heads:
-            if unicodedata.east_asian_width(c) not in ("W", "F") or unicodedata.category(c).startswith("P"):
+            if not is_wide(c) or is_punct(c):
                 raise DataError(f"line {lineno}: the head {c!r} is not a Chinese character")
             for what, tok in (("first-line model's input", self.first.src_tok), ("first-line model's output", self.first.tgt_tok),
-                              ("next-line model's output", self.next.tgt_tok)):
+                              ("next-line model's output", self.next_line.tgt_tok)):
                 if tok.encode(c) == [UNK]:
                     raise DataError(f"line {lineno}: the head {c!r} is not in the {what} vocabulary")
         return heads
 
     def write(self, poems: list[str], chars: int, first_lineno: int = 1) -> list[list[str]]:
-        """Each poem's lines (one per head, `chars` characters each, unspaced), for a batch of heads strings."""
+        """Each poem's lines (one per head, `chars` characters each, unspaced), for a batch of heads strings;
+        errors name the heads string's line number."""
         if not 2 <= chars <= MAX_CHARS:
-            raise SeqtoolError(f"--chars {chars}: a line has 2 to {MAX_CHARS} characters")
+            raise DataError(f"a poem's lines have 2 to {MAX_CHARS} characters, not {chars}")
         heads = [self.heads(text, first_lineno + i) for i, text in enumerate(poems)]
         lines: list[list[str]] = [[] for _ in poems]
         for k in range(max(map(len, heads))):
             end = (ZE if k % 2 == 0 else PING) if self.tones else NONE
             todo = [i for i, h in enumerate(heads) if k < len(h)]
             if k == 0:
-                sources = [Source(heads[i][0], prefix=heads[i][0], length=chars, end_tone=end) for i in todo]
-                out = self.first.translate(sources, first_lineno)
+                translator, sources = self.first, [Source(heads[i][0], heads[i][0], length=chars, end_tone=end) for i in todo]
             else:
-                sources = [Source(" ".join(lines[i][-1]), prefix=heads[i][k], end_tone=end) for i in todo]
-                out = self.next.translate(sources, first_lineno)
+                translator = self.next_line
+                sources = [Source(" ".join(lines[i][-1]), heads[i][k], end_tone=end) for i in todo]
+            out = translator.run([translator.prepare(s, first_lineno + i) for i, s in zip(todo, sources)])
             for i, t in zip(todo, out):
                 lines[i].append(t.text.replace(" ", ""))
         return lines

@@ -23,14 +23,14 @@ from dataclasses import dataclass, field, replace
 from typing import Optional, Union
 
 from seqtool.errors import SeqtoolError, one_line
-from seqtool.poem import Poet
+from seqtool.poem import MAX_CHARS, Poet
 from seqtool.translate import Prepared, Source, Translation, Translator, translation_record
 
 try:
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
-    from pydantic import BaseModel, ConfigDict, ValidationError
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
 except ImportError as exc:  # either one alone is not enough
@@ -53,10 +53,13 @@ class TranslateRequest(BaseModel):
     lines: list[Union[str, Line]]
 
 
+MAX_HEADS = 64  # heads (lines) of one poem: a request is a poem, not a batch job
+
+
 class PoemRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    heads: str
-    chars: int = 5
+    heads: str = Field(max_length=MAX_HEADS)
+    chars: int = Field(5, ge=2, le=MAX_CHARS)
     tones: bool = True
 
 
@@ -139,9 +142,15 @@ class Batcher:
 
 
 def _translate(translator: Translator, lines: list[Optional[Prepared]]) -> list[Translation]:
+    return _guarded(translator.run, lines)
+
+
+def _guarded(work, *args):
+    """work(*args) in a worker thread. asyncio cannot carry StopIteration through a future: the request
+    would hang, so it becomes a RuntimeError."""
     try:
-        return translator.run(lines)
-    except StopIteration as exc:  # asyncio cannot carry StopIteration through a future: the request would hang
+        return work(*args)
+    except StopIteration as exc:
         raise RuntimeError(f"StopIteration: {exc}") from None
 
 
@@ -257,7 +266,7 @@ def make_app(translator: Translator, card: dict, max_lines: int = 1000, max_body
             return req
 
         async def work():
-            lines = await asyncio.to_thread(replace(poet, tones=req.tones).write, [req.heads], req.chars)
+            lines = await asyncio.to_thread(_guarded, replace(poet, tones=req.tones).write, [req.heads], req.chars)
             return {"heads": req.heads, "lines": lines[0]}
         return await answer(work)
 

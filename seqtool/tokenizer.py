@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import re
-import unicodedata
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterable, Iterator
@@ -13,6 +12,7 @@ import sentencepiece as spm
 
 from seqtool.config import TokenizerConfig
 from seqtool.errors import LINE_BREAKERS, DataError, ModelFileError, SeqtoolError
+from seqtool.hanzi import is_punct, is_wide
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
@@ -63,17 +63,16 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         if self.word:  # sentencepiece would merge neighbouring unknown words into one <unk>
-            return [self.sp.piece_to_id("\u2581" + w) for w in self.words(text)]
+            return [self.sp.piece_to_id("\u2581" + _escape(w)) for w in self.words(text)]
         return self.sp.encode(_escape(text))
 
     def words(self, text: str) -> list[str]:
-        """tokenizer.type word: a line's tokens (escaped), one id each. A token the vocabulary lacks that is
-        all CJK characters is read as its characters: couplets are one character per token, and people
-        type 春风得意 without spaces."""
+        """tokenizer.type word: a line's tokens, one id each. A token the vocabulary lacks that holds a CJK
+        character is read as its characters: couplets are one character per token, and people type
+        春风得意… without spaces."""
         out: list[str] = []
-        for w in _escape(text).split():
-            if len(w) > 1 and self.sp.piece_to_id("\u2581" + w) == UNK and \
-                    all(unicodedata.east_asian_width(c) in ("W", "F") for c in w):
+        for w in text.split():
+            if len(w) > 1 and self.sp.piece_to_id("\u2581" + _escape(w)) == UNK and any(map(is_wide, w)):
                 out += w
             else:
                 out.append(w)
@@ -139,7 +138,7 @@ class Tokenizer:
             piece = self.sp.id_to_piece(i)
             if self.sp.is_control(i) or self.sp.is_byte(i) or self.sp.is_unknown(i) or piece.startswith("\u2581"):
                 continue
-            if piece[0].isalnum() and unicodedata.east_asian_width(piece[0]) not in ("W", "F"):
+            if piece[0].isalnum() and not is_wide(piece[0]):
                 out.append(i)
         return out
 
@@ -164,8 +163,7 @@ class Tokenizer:
         out = {}
         for i in range(self.vocab_size):
             text = self.sp.id_to_piece(i).lstrip("\u2581")
-            if text and not self.sp.is_control(i) and not self.sp.is_byte(i) and \
-                    all(unicodedata.category(c).startswith("P") for c in text):
+            if not self.sp.is_control(i) and not self.sp.is_byte(i) and is_punct(text):
                 out[self.sp.id_to_piece(i)] = i
         return out
 

@@ -19,7 +19,7 @@ from seqtool.config import DecodingConfig
 from seqtool.constraints import LineSpec, Vocab, line_problem, make_rules, prefix_problem
 from seqtool.data import make_batch
 from seqtool.errors import DataError, SeqtoolError
-from seqtool.hanzi import NONE, tone
+from seqtool.hanzi import NONE, is_punct, tone
 from seqtool.model.seq2seq import Seq2Seq
 from seqtool.search import Hypothesis, argmax, beam_search, greedy, sampler
 from seqtool.shortlist import BatchVocab, OutputRows, Shortlist
@@ -149,6 +149,8 @@ class Translator:
             self.warn(f"line {lineno}: {len(ids)} tokens, truncated to {limit} (decoding.max_input_tokens)")
             ids = ids[:limit]
         d = self.decoding
+        text = source.prefix or self.prefix
+        prefix = self._target(text, "the prefix", lineno) if text else ()
         positions, chars = None, None
         if source.length:  # no upper line to answer: every position free
             positions = (-1,) * source.length
@@ -160,16 +162,17 @@ class Translator:
             if all(i == UNK for i in ids):
                 raise DataError(f"line {lineno}: none of its characters is in the model's vocabulary "
                                 "(this model answers lines of one character per position, as couplets)")
-        mirror, echo, tones = couplet_controls(chars, len(positions), d, source.end_tone) if positions else (None,) * 3
-        text = source.prefix or self.prefix
-        prefix = self._target(text, "the prefix", lineno) if text else ()
-        if echo:  # a prefix is the user's explicit choice: an echo there is wanted
-            echo = tuple(-1 if i < len(prefix) else self._target_id(c) for i, c in enumerate(echo))
+            uncopied = next((c for c, p in zip(chars, positions) if d.copy_punctuation and p < 0 and is_punct(c)), None)
+            if uncopied is not None:
+                raise DataError(f"line {lineno}: the punctuation {uncopied!r} is not in the model's vocabulary, so it "
+                                "cannot be copied in place (the training data may write it another way, as ， for ,)")
+        mirror, echo, tones = (couplet_controls(chars, len(positions), d, source.end_tone, len(prefix)) if positions
+                               else (None,) * 3)
         spec = LineSpec(len(ids), positions, prefix, tuple(self._target(p, "a constraint", lineno) for p in source.constraints),
                         tuple(spelled for p in (*source.avoid, *self.avoid)
                               for spelled in self._spellings(p, "an avoided phrase", lineno)),
-                        mirror, echo, tones)
-        problem = line_problem(spec, d, self._free_banned) or (spec.prefix and prefix_problem(spec, d, self._vocab(spec)))
+                        mirror, tuple(self._target_id(c) for c in echo) if echo else None, tones)
+        problem = line_problem(spec, d, self._free_banned) or prefix_problem(spec, d, self._vocab(spec))
         if problem:
             raise DataError(f"line {lineno}: {problem}")
         return Prepared(ids, spec)

@@ -14,11 +14,14 @@ from seqtool.hanzi import NONE, is_punct, opposite, repetition_pattern, tone
 Controls = tuple[Optional[tuple[int, ...]], Optional[tuple[str, ...]], Optional[tuple[int, ...]]]
 
 
-def couplet_controls(chars: Optional[Sequence[str]], length: int, d: DecodingConfig, end_tone: int = NONE) -> Controls:
+def couplet_controls(chars: Optional[Sequence[str]], length: int, d: DecodingConfig, end_tone: int = NONE,
+                     fixed: int = 0) -> Controls:
     """(mirror pattern, the character not to echo at each position, the tone asked at each position) for an
     output of `length` characters answering the upper line `chars` (one per position; None: no upper
     line, as for a poem's first line). Each is None where its rule is off. `end_tone` (seqtool.hanzi), if
-    given, is the tone the last character must have, whatever `decoding.final_tone` would ask."""
+    given, is the tone the last character must have, whatever `decoding.final_tone` would ask. The first
+    `fixed` positions are the user's choice (a prefix): no echo ban or tone rule asks anything of them,
+    nor of the positions that must repeat them."""
     if chars is None:
         pattern, content, want = None, list(range(length)), end_tone
     else:
@@ -28,11 +31,18 @@ def couplet_controls(chars: Optional[Sequence[str]], length: int, d: DecodingCon
         if want == NONE and d.final_tone and content:
             want = opposite(tone(chars[content[-1]]))
     mirror = tuple(pattern) if pattern is not None and d.mirror_repeats else None
-    echo = tuple("" if is_punct(c) else c for c in chars) if chars is not None and d.no_echo else None
+
+    def chosen(i: int) -> bool:
+        return i < fixed or (mirror is not None and 0 <= mirror[i] < fixed)
+
+    echo = None
+    if chars is not None and d.no_echo:
+        echo = tuple("" if is_punct(c) or chosen(i) else c for i, c in enumerate(chars))
     tones = None
     if want != NONE and content:
         last = content[-1]
         # with repetition mirrored, the positions that repeat the last character must have its tone too
         tied = {i for i in content if mirror is not None and mirror[i] == mirror[last]} | {last}
-        tones = tuple(want if i in tied else -1 for i in range(length))
+        if not any(map(chosen, tied)):
+            tones = tuple(want if i in tied else -1 for i in range(length))
     return mirror, echo, tones

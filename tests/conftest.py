@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import select
 import subprocess
@@ -28,14 +29,51 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 def run_cli(*args: str, input: str | bytes | None = None, cwd: Path | None = None, timeout: float = 600,
             check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m seqtool ARGS` as a user would; text in/out unless bytes are given; `env` adds variables."""
-    text = not isinstance(input, bytes)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    proc = subprocess.run([sys.executable, "-m", "seqtool", *args], input=input, capture_output=True, text=text,
-                          cwd=cwd or ROOT, timeout=timeout, env=env)
+    """Run `seqtool ARGS` as a user would; text in/out unless bytes are given.
+
+    In this process by default (`seqtool.cli.main` with its own argv, stdin, stdout, stderr, working
+    directory and exit code): importing torch once instead of for every call saves minutes of the suite.
+    A fresh interpreter (`python -m seqtool`) where `env` adds variables (read at start-up: colours, locale, SEQTOOL_TRACEBACK) and for --nproc (its worker
+    processes write to the process's own stderr, and torch's launcher keeps signal handlers)."""
+    if env or "--nproc" in args:
+        text = not isinstance(input, bytes)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        proc = subprocess.run([sys.executable, "-m", "seqtool", *args], input=input, capture_output=True, text=text,
+                              cwd=cwd or ROOT, timeout=timeout, env=env)
+    else:
+        proc = _in_process(list(args), input, cwd or ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"seqtool {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+def _in_process(args: list[str], input: str | bytes | None, cwd: Path) -> subprocess.CompletedProcess:
+    from seqtool import cli
+
+    binary = isinstance(input, bytes)
+    data = input if binary else (input or "").encode("utf-8")
+    streams = {name: io.TextIOWrapper(io.BytesIO(), encoding="utf-8", newline="") for name in ("stdout", "stderr")}
+    stdin = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+    saved = sys.argv, sys.stdin, sys.stdout, sys.stderr, os.getcwd()
+    environ = dict(os.environ)  # a command may set variables for the processes it starts
+    code = 0
+    try:
+        sys.argv, sys.stdin, sys.stdout, sys.stderr = ["seqtool", *args], stdin, streams["stdout"], streams["stderr"]
+        os.chdir(cwd)
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv, sys.stdin, sys.stdout, sys.stderr, cwd_before = saved
+        os.chdir(cwd_before)
+        os.environ.clear()
+        os.environ.update(environ)
+    out = {}
+    for name, stream in streams.items():
+        stream.flush()
+        raw = stream.buffer.getvalue()
+        out[name] = raw if binary else raw.decode("utf-8", errors="replace")
+    return subprocess.CompletedProcess(["seqtool", *args], code, out["stdout"], out["stderr"])
 
 
 # A model that learns the sample task, not just runs: test BLEU 100 (beam 5) after 400 steps, about 30 s on 2

@@ -4,7 +4,6 @@ import json
 import re
 
 import pytest
-import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 

@@ -6,12 +6,9 @@ Each example runs `seqtool.cli.main` as the console script would. Anything but a
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import struct
-import sys
 import tempfile
 from pathlib import Path
 
@@ -20,7 +17,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from seqtool.cli import main
+from conftest import run_cli
 from seqtool.config import Config
 from seqtool.checkpoint import load_state
 from seqtool.data import make_batch
@@ -35,18 +32,9 @@ FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "25")), deadlin
 
 
 def run_main(*args: str) -> tuple[int, str, str]:
-    """Run the CLI in this process; returns (exit code, stdout, stderr). Any other exception propagates."""
-    out, err = io.StringIO(), io.StringIO()
-    argv, sys.argv = sys.argv, ["seqtool", *args]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
+    """Run the CLI in this process; returns (exit code, stdout, stderr)."""
+    proc = run_cli(*args)
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def assert_clean(code: int, err: str) -> None:

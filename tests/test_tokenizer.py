@@ -56,6 +56,7 @@ def test_word_type_reads_unspaced_chinese_as_its_characters():
     assert tok.words("指点江山，书生意气") == list("指点江山，书生意气")
     assert tok.encode("指点江山，书生意气") == tok.encode("指 点 江 山 ， 书 生 意 气")
     assert tok.words("江山 跄跄 hello") == ["江山", "跄", "跄", "hello"]  # known words stay; Latin is not split
+    assert tok.words("江山如画…") == list("江山如画…")  # any unknown token holding a CJK character
     assert tok.encode("hello")[0] == UNK
 
 

@@ -54,8 +54,9 @@ def test_couplet_metrics_edge_cases():
 
 def test_rules_need_exact_length():
     for rule in ("final_tone", "mirror_repeats", "no_echo"):
-        with pytest.raises(ConfigError, match=f"decoding.{rule} needs decoding.exact_length"):
-            validate({"tokenizer": {"type": "word"}, "decoding": {rule: True}})
+        for without in ({}, {"exact_length": True}):
+            with pytest.raises(ConfigError, match=f"decoding.{rule} needs decoding.exact_length and copy_punctuation"):
+                validate({"tokenizer": {"type": "word"}, "decoding": {rule: True, **without}})
 
 
 def test_controls_of_a_line():
@@ -67,6 +68,15 @@ def test_controls_of_a_line():
         (-1, -1, -1, -1, PING)
     assert couplet_controls(None, 4, DecodingConfig(), end_tone=ZE) == (None, None, (-1, -1, -1, ZE))
     assert couplet_controls(list("ab"), 2, d) == ((0, 1), ("a", "b"), None)  # no tone to answer
+
+
+def test_a_prefix_is_the_users_choice_and_rules_give_way_to_it():
+    d = DecodingConfig(exact_length=True, copy_punctuation=True, final_tone=True, mirror_repeats=True, no_echo=True)
+    # 山外山 with the head 山: the head may echo, and so may the position that must repeat it
+    assert couplet_controls(list("山外山"), 3, d, fixed=1)[1] == ("", "外", "")
+    # the last character repeats the first: with the head fixed there, no tone can be asked of it
+    assert couplet_controls(list("春风吹落春"), 5, d, fixed=1)[2] is None
+    assert couplet_controls(list("春风吹落春"), 5, d)[2] == (ZE, -1, -1, -1, ZE)  # 春 is 平
 
 
 # Synthetic characters for tokens: a token's character is a real CJK one, so tones are pypinyin's.
@@ -165,6 +175,7 @@ def test_cli_couplet_input_as_people_type_it(couplet_model):
 @pytest.mark.parametrize("stdin,message", [
     ("hello world\n", "line 1: none of its characters is in the model's vocabulary"),
     ("江 右 秋\n", None),
+    ("江 右 , 秋\n", "line 1: the punctuation ',' is not in the model's vocabulary, so it cannot be copied"),
 ])
 def test_cli_non_chinese_input_to_a_couplet_model_is_one_line(couplet_model, stdin, message):
     from test_cli_errors import assert_one_line_error
@@ -188,10 +199,14 @@ def test_cli_acrostic_head_with_the_rules_and_a_head_that_breaks_one(couplet_mod
     s = {x.name: x.value for x in couplet_scores(out, upper)}
     assert s["tone_match"] == s["repeat_agreement"] == s["exact_length"] == 100.0
     assert s["echo_rate"] <= 100 * sum(u.split()[0] == "天" for u in upper) / sum(len(u.split()) for u in upper)
-    # 江 (平) must be answered by a 仄 character: the head 天 (平) cannot be
+    # a prefix is the user's choice: the tone and echo rules give way to it (江 is 平, and so is 天) ...
     proc = run_cli("translate", "-m", str(couplet_model), "--input-format", "jsonl", "-q", *rules,
-                   input='{"text": "江", "prefix": "天"}\n')
-    assert_one_line_error(proc, "line 1: the prefix's token 1 breaks decoding.final_tone")
+                   input='{"text": "江", "prefix": "天"}\n{"text": "江", "prefix": "江"}\n', check=True)
+    assert proc.stdout.split() == ["天", "江"]
+    # ... but a prefix repeating a character where the upper line does not cannot be mirrored
+    proc = run_cli("translate", "-m", str(couplet_model), "--input-format", "jsonl", "-q", *rules,
+                   input='{"text": "江 右 秋", "prefix": "天 天"}\n')
+    assert_one_line_error(proc, "line 1: the prefix's token 2 breaks decoding.mirror_repeats")
 
 
 @pytest.fixture(scope="module")
@@ -246,19 +261,17 @@ def test_cli_poem_next_model_must_keep_the_length(first_line_model):
     from test_cli_errors import assert_one_line_error
 
     proc = run_cli("poem", "--first", str(first_line_model), "--next", str(first_line_model), "--heads", "天江", "-q")
-    assert_one_line_error(proc, "the next-line model must answer with a line of the same length")
+    assert_one_line_error(proc, "a next-line model that answers with a line of the same length")
 
 
 def test_serve_writes_poems(first_line_model, couplet_model):
-    from seqtool.checkpoint import load_model
+    from seqtool.cli import _translator
     from seqtool.poem import Poet
     from seqtool.serve import make_app
-    from seqtool.translate import Translator
     from test_serve import in_process
 
     def translator(path):
-        b = load_model(path)
-        return Translator(b.model, b.src_tok, b.tgt_tok, b.config.decoding)
+        return _translator(path, [], {}, quiet=True)
 
     served = translator(couplet_model)
 
@@ -279,4 +292,5 @@ def test_serve_writes_poems(first_line_model, couplet_model):
     async def no_poet(client):
         return await client.post("/poem", json={"heads": "天"})
     reply = in_process(make_app(served, {}), no_poet)
+    assert Poet(translator(first_line_model), served, tones=False).next_line.decoding.final_tone is False
     assert reply.status_code == 404 and "--poem-first" in reply.json()["error"]
