@@ -21,7 +21,8 @@ def couplet_controls(chars: Optional[Sequence[str]], length: int, d: DecodingCon
     line, as for a poem's first line). Each is None where its rule is off. `end_tone` (seqtool.hanzi), if
     given, is the tone the last character must have, whatever `decoding.final_tone` would ask. The first
     `fixed` positions are the user's choice (a prefix): no echo ban or tone rule asks anything of them,
-    nor of the positions that must repeat them."""
+    nor of the positions that must repeat them; but an asked `end_tone` (a poem's) is the user's choice
+    too, so there the last position need not repeat a prefix position (a head can have the wrong tone)."""
     if chars is None:
         pattern, content, want = None, list(range(length)), end_tone
     else:
@@ -31,6 +32,8 @@ def couplet_controls(chars: Optional[Sequence[str]], length: int, d: DecodingCon
         if want == NONE and d.final_tone and content:
             want = opposite(tone(chars[content[-1]]))
     mirror = tuple(pattern) if pattern is not None and d.mirror_repeats else None
+    if mirror is not None and end_tone != NONE and content and 0 <= mirror[content[-1]] < fixed:
+        mirror = tuple(content[-1] if i == content[-1] else p for i, p in enumerate(mirror))  # new, not the head
 
     def chosen(i: int) -> bool:
         return i < fixed or (mirror is not None and 0 <= mirror[i] < fixed)

@@ -77,6 +77,9 @@ def test_a_prefix_is_the_users_choice_and_rules_give_way_to_it():
     # the last character repeats the first: with the head fixed there, no tone can be asked of it
     assert couplet_controls(list("春风吹落春"), 5, d, fixed=1)[2] is None
     assert couplet_controls(list("春风吹落春"), 5, d)[2] == (ZE, -1, -1, -1, ZE)  # 春 is 平
+    # a poem's line end asks its tone: then the end need not repeat the head (影落日月影 -> 纲...?)
+    mirror, _, tones = couplet_controls(list("影落日月影"), 5, d, end_tone=PING, fixed=1)
+    assert mirror == (0, 1, 2, 3, 4) and tones == (-1, -1, -1, -1, PING)
 
 
 # Synthetic characters for tokens: a token's character is a real CJK one, so tones are pypinyin's.
@@ -237,7 +240,8 @@ def test_cli_acrostic_poem_heads_lengths_and_tones(first_line_model, couplet_mod
         assert all(len(line) == 5 for line in p["lines"])
         assert [tone(line[-1]) for line in p["lines"]] == [ZE, PING, ZE, PING][: len(p["heads"])]
         for upper, lower in zip(p["lines"], p["lines"][1:]):  # each later line answers the one before
-            assert repetition_pattern(list(upper)) == repetition_pattern(list(lower))
+            if upper[-1] != upper[0]:  # else the end need not repeat the head: its tone comes first
+                assert repetition_pattern(list(upper)) == repetition_pattern(list(lower))
     text = run_cli("poem", "--first", str(first_line_model), "--next", str(couplet_model), "--heads", "天江秋南",
                    "--chars", "7", check=True).stdout.splitlines()
     assert [line[0] for line in text] == list("天江秋南") and all(len(line) == 7 for line in text)
