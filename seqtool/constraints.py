@@ -31,7 +31,7 @@ Phrase = tuple[int, ...]
 class Constraint:
     """A rule that forbids nothing and has no state; subclasses override what they need."""
 
-    rule: ClassVar[str] = "the decoding rules"  # what a user set to get this rule, for messages
+    rule: ClassVar[str] = "the decoding rules"  # what a user set to get this rule, for `prefix_problem`'s messages
     ranks: ClassVar[bool] = False  # whether `bank` and `advancing` say anything
     soft: ClassVar[bool] = False  # a heuristic that yields where it would leave a hypothesis no token at all
 
@@ -67,8 +67,6 @@ def _keep_only(lp: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> No
 class Banned(Constraint):
     """Tokens never produced (PAD, BOS, UNK, pieces that would break a line)."""
 
-    rule: ClassVar[str] = "the tokens never produced (control characters, line breaks)"
-
     tokens: torch.Tensor  # (V,) bool
 
     def mask(self, lp, t, sents):
@@ -92,8 +90,6 @@ class Forced(Constraint):
     and EOS right after the last position (exact length). Elsewhere `free_banned` tokens are banned
     (copied punctuation appears nowhere else)."""
 
-    rule: ClassVar[str] = "the exact length and copied punctuation"
-
     table: torch.Tensor  # (B, T) token forced at step t, -1 where free
     free_banned: Optional[torch.Tensor] = None  # (V,) bool
 
@@ -112,7 +108,6 @@ class NoRepeatNgram(Constraint):
     """No n-gram twice in a hypothesis, unless the other rules leave nothing else (a phrase to include may
     repeat an n-gram the output already has)."""
 
-    rule: ClassVar[str] = "decoding.no_repeat_ngram"
     soft: ClassVar[bool] = True
 
     n: int
@@ -136,8 +131,6 @@ class NoRepeatNgram(Constraint):
 @dataclass
 class Avoid(Constraint):
     """Phrases (one or more tokens) that never appear: a phrase's last token is banned right after the rest."""
-
-    rule: ClassVar[str] = "a phrase to avoid"
 
     singles: torch.Tensor  # (B, V) bool: one-token phrases of each sentence
     follow: list[dict[Phrase, list[int]]]  # per sentence: the tokens before a longer phrase's last -> its last tokens
@@ -232,7 +225,6 @@ class Include(Constraint):
     constraint tokens met (`bank`), so hypotheses that placed a phrase early survive beside those that
     did not (Post & Vilar 2018)."""
 
-    rule: ClassVar[str] = "a phrase to include (a phrase ends where its word ends)"
     ranks: ClassVar[bool] = True
     phrases: list[tuple[Phrase, ...]]  # per sentence
     runs: list[list[tuple[int, int]]]  # per sentence: [start, end) of each run of free steps
