@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load as st_load
+from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from seqtool.config import Config, validate
@@ -94,30 +94,36 @@ def _pack(tensors: dict[str, torch.Tensor], kind: str, meta: dict[str, Any]) -> 
 
 
 def _unpack(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read and check a safetensors file of ours; everything else is one ModelFileError."""
+    """Read and check a safetensors file of ours; everything else is one ModelFileError. safetensors' own
+    reader (memory-mapped) parses the header and the tensors; the first 8 bytes are looked at first only so
+    that a file of another kind (a pickle, a zip, random bytes) is named as such, not as a damaged one."""
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"model file not found: {path}")
     if path.is_dir():
         raise ModelFileError(f"{path} is a directory without a {MODEL_FILE}")
+    what = "seqtool model" if kind == MODEL_FORMAT else "seqtool training state"
     try:
-        data = path.read_bytes()
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            start = f.read(8)
     except OSError as exc:
         raise ModelFileError(f"cannot read {path}: {exc.strerror}") from None
-    what = "seqtool model" if kind == MODEL_FORMAT else "seqtool training state"
-    if len(data) < 8:
+    if len(start) < 8:
         raise ModelFileError(f"{path} is not a {what} file (too short)")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > len(data) - 8:
+    (header_len,) = struct.unpack("<Q", start)
+    if header_len > size - 8:
         raise ModelFileError(f"{path} is not a {what} file, or it is truncated")
     try:
-        header = json.loads(data[8 : 8 + header_len])
-    except ValueError:  # not JSON, or not UTF-8
-        raise ModelFileError(f"{path} is not a {what} file (unreadable header)") from None
-    raw_meta = header.get("__metadata__", {}) if isinstance(header, dict) else None
-    # safetensors metadata is a mapping of strings to strings; anything else is not a file of ours.
-    if not isinstance(raw_meta, dict) or not all(isinstance(v, str) for v in raw_meta.values()):
-        raise ModelFileError(f"{path} is not a {what} file (unreadable header)")
+        with safe_open(path, framework="pt") as f:
+            raw_meta = f.metadata() or {}
+            names = list(f.keys())
+            if raw_meta.get("format") == kind and raw_meta.get("format_version") == str(FORMAT_VERSION):
+                tensors = {name: f.get_tensor(name) for name in names}
+    except OSError as exc:
+        raise ModelFileError(f"cannot read {path}: {exc.strerror}") from None
+    except Exception:  # safetensors' own errors: a header that is not one, offsets past the end, bad dtypes
+        raise ModelFileError(f"{path} is damaged or truncated, or not a {what} file") from None
     if raw_meta.get("format") != kind:
         raise ModelFileError(f"{path} is a safetensors file but not a {what} file")
     version = raw_meta.get("format_version")
@@ -126,10 +132,9 @@ def _unpack(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[
             f"{path} has {what} format version {version}; this seqtool reads version {FORMAT_VERSION}"
         )
     try:
-        tensors = st_load(data)
         meta = {k: json.loads(v) for k, v in raw_meta.items() if k not in ("format", "format_version")}
-    except Exception:  # safetensors raises its own error types for damaged payloads (offsets, dtypes, sizes)
-        raise ModelFileError(f"{path} is damaged or truncated") from None
+    except ValueError:
+        raise ModelFileError(f"{path} is damaged (its metadata is not JSON)") from None
     return tensors, meta
 
 
