@@ -1,8 +1,9 @@
 """seqtool next to Joey NMT and OpenNMT-py on Multi30k de-en, in one run on this machine.
 
 Trains configs/multi30k_deen.yaml for MINUTES, decodes test2016 greedy and beam 5 (batch 64) with the
-whole vocabulary in fp32 and fast (int8 weights + vocabulary shortlist), then runs ../shared/peers/verify.sh with the same budget for both peers, and prints a table of
-throughput, BLEU and memory with ratios (seqtool / peer). Jobs run one at a time.
+whole vocabulary in fp32 and fast (int8 weights + vocabulary shortlist), then runs ../shared/peers/verify.sh with
+the same budget for both peers, and prints a table of throughput, BLEU and memory with ratios (seqtool / peer).
+Jobs run one at a time.
 
     python bench/compare_peers.py --minutes 20            # about 70 minutes in all
     python bench/compare_peers.py --minutes 3 --skip-peers
@@ -117,8 +118,8 @@ def table(rows: list[dict]) -> str:
             continue
         lines.append(f"| {name} | {tr['train_sent_per_s']} | {tr['train_tgt_tok_per_s']} | {tr['peak_rss_mb']} | "
                      f"{cells(find(tool, 'decode', 1, variant))} | {cells(find(tool, 'decode', 5, variant))} |")
-    ratios = ["", "| seqtool / peer | train sent/s | greedy BLEU diff | greedy sent/s (tool / wall) | beam-5 BLEU diff | "
-              "beam-5 sent/s (tool / wall) |", "|---" + "|---:" * 5 + "|"]
+    ratios = ["", "| seqtool / peer | train sent/s | greedy BLEU diff | greedy sent/s (tool / wall) | "
+              "beam-5 BLEU diff | beam-5 sent/s (tool / wall) |", "|---" + "|---:" * 5 + "|"]
     for peer in ("joey", "onmt"):
         tr, mine = find(peer, "train"), find("seqtool", "train")
         for name, variant in ours:
@@ -153,7 +154,8 @@ def main() -> None:
     keep(train)
     for beam in (1, 5):
         for variant in ("fp32", "fast"):
-            keep({**seqtool_decode(out, train["model_dir"], beam, VARIANTS[variant], f".{variant}"), "variant": variant})
+            keep({**seqtool_decode(out, train["model_dir"], beam, VARIANTS[variant], f".{variant}"),
+                  "variant": variant})
     if not args.skip_peers:
         for row in peers(args.minutes):
             keep(row)

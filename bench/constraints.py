@@ -80,12 +80,14 @@ def multi30k(model_dir: str, seed: int) -> None:
     avoid = [[rng.choice(ws)] if (ws := [w for w in words_of(b) if len(w) >= 4 and w.isalpha()]) else [] for b in base]
     out, secs = decode(tr, [Source(s, avoid=tuple(a)) for s, a in zip(src, avoid)])
     free = sum(not any(has_words(o, a) for a in av) for o, av in zip(out, avoid))
-    rows.append((f"avoid ({sum(map(len, avoid))} words)", bleu(out, ref), f"{free}/{len(out)} free = {100 * free / len(out):.1f}%", secs))
+    rows.append((f"avoid ({sum(map(len, avoid))} words)", bleu(out, ref),
+                 f"{free}/{len(out)} free = {100 * free / len(out):.1f}%", secs))
 
     prefixes = [" ".join(r.split()[: len(r.split()) // 2]) for r in ref]
     out, secs = decode(tr, [Source(s, prefix=p) for s, p in zip(src, prefixes)])
     ok = sum(o.startswith(p) for o, p in zip(out, prefixes))
-    rows.append(("prefix (first half of the reference)", bleu(out, ref), f"{ok}/{len(out)} = {100 * ok / len(out):.1f}%", secs))
+    rows.append(("prefix (first half of the reference)", bleu(out, ref),
+                 f"{ok}/{len(out)} = {100 * ok / len(out):.1f}%", secs))
 
     print(f"Multi30k de-en test2016, {len(src)} sentences, {model_dir} (beam {tr.decoding.beam_size}, "
           f"shortlist {tr.decoding.shortlist})\n")
@@ -112,12 +114,14 @@ def couplets(model_dir: str, seed: int) -> None:
     out, secs = decode(tr, sources)
     starts = sum(o.split()[0] == h for o, h in zip(out, chosen) if h)
     exact = sum(len(o.split()) == len(s.split()) for o, s in zip(out, src))
-    same_punct = sum([i for i, c in enumerate(o.split()) if c in punct] == [i for i, c in enumerate(s.split()) if c in punct]
+    same_punct = sum([i for i, c in enumerate(o.split()) if c in punct]
+                     == [i for i, c in enumerate(s.split()) if c in punct]
                      for o, s in zip(out, src))
     n, with_head = len(src), sum(1 for h in chosen if h)
     print(f"\nCouplets test, {n} lines, {model_dir} (beam {tr.decoding.beam_size}), a random head character from "
           f"{len(heads)} per line\n")
-    print("| | starts with the head | exact length | punctuation in place | decode s | time ratio |\n|---|---:|---:|---:|---:|---:|")
+    print("| | starts with the head | exact length | punctuation in place | decode s | time ratio |\n"
+          "|---|---:|---:|---:|---:|---:|")
     print(f"| acrostic | {starts}/{with_head} = {100 * starts / with_head:.1f}% | {100 * exact / n:.1f}% | "
           f"{100 * same_punct / n:.1f}% | {secs:.1f} | {secs / base_s:.2f}x |")
 

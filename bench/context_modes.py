@@ -25,11 +25,13 @@ MODES = [("init", "bahdanau"), ("every_step", "bahdanau"), ("attention", "bahdan
 
 
 def seqtool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "seqtool", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    return subprocess.run([sys.executable, "-m", "seqtool", *args], cwd=ROOT, capture_output=True, text=True,
+                          check=True)
 
 
 def bleu_of(model_dir: Path, beam: int) -> float:
-    hyps = seqtool("translate", "-m", str(model_dir), str(DATA / "test2016.de"), "--beam", str(beam), "-q").stdout.splitlines()
+    hyps = seqtool("translate", "-m", str(model_dir), str(DATA / "test2016.de"), "--beam", str(beam),
+                   "-q").stdout.splitlines()
     refs = (DATA / "test2016.en").read_text(encoding="utf-8").splitlines()
     return round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2)
 
@@ -54,8 +56,8 @@ def main() -> None:
             metrics = [json.loads(x) for x in (model_dir / "metrics.jsonl").read_text().splitlines()]
             info = metrics[-1]
             params = f"{load_model(model_dir).info['params']:,}"
-            row = (f"| {cell} | {context} | {attention if context == 'attention' else '-'} | {params} | {info['step']} | "
-                   f"{info.get('valid_bleu')} | {bleu_of(model_dir, 1)} | {bleu_of(model_dir, 5)} |")
+            row = (f"| {cell} | {context} | {attention if context == 'attention' else '-'} | {params} | "
+                   f"{info['step']} | {info.get('valid_bleu')} | {bleu_of(model_dir, 1)} | {bleu_of(model_dir, 5)} |")
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
     print(f"Multi30k de-en, {args.minutes:g} min training per run; {out}\n")

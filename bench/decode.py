@@ -31,7 +31,8 @@ def main() -> None:
             rows.append(row)
             with open(args.out / "results.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-    print("| beam | variant | BLEU | chrF | decode s (tool) | whole command s | speed-up (tool / command) | peak RSS MB |\n"
+    print("| beam | variant | BLEU | chrF | decode s (tool) | whole command s | speed-up (tool / command) | "
+          "peak RSS MB |\n"
           "|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         base = next(b for b in rows if b["beam"] == r["beam"] and b["variant"] == "fp32")

@@ -1,22 +1,27 @@
-"""How close training runs to this machine's FLOP limit: FLOPs per sentence against fp32 GEMM speed.
+"""How close training and decoding run to this machine's FLOP limit: FLOPs against GEMM speed.
 
 Takes a trained model dir (its config, tokenizers and weights, e.g. the seqtool folder of a
 bench/compare_peers.py run), makes the trainer's own token-budget batches from the first training
 pairs, counts the floating-point operations of a training step (forward and backward, by torch's
 FlopCounterMode: matrix products only, the rest is memory-bound) and times full steps (loss,
 backward, clipping, Adam) on those batches. On the same machine, in the same run, it times fp32
-matrix products: a large square one (the machine's peak) and the shape of one decoder step. Prints
-FLOPs per sentence (and the output layer's share), the GFLOP/s reached, its fraction of the peak
-and the sentences/s the peak would allow.
+matrix products in fp32, bf16 and int8 (torch's dynamic int8 linear, which `--quantize` runs): a large
+square one (each kind's peak), the training output layer's and a decoder step's shapes. Prints FLOPs
+per sentence (and the output layer's share), the GFLOP/s reached, its fraction of each peak and the
+sentences/s the peak would allow; then the same for beam-5 decoding of the validation lines, in fp32
+and int8 (the work counted is the fp32 decode's: an int8 product does the same multiply-adds).
+Whether the CPU has native bf16 / int8 matrix units (amx_bf16, avx512_bf16, amx_int8, avx512_vnni)
+is printed beside the figures: on a CPU without them bf16 is 20-50x slower, and it shows here.
 
     python bench/flop_limit.py runs/bench_peers/<stamp>/seqtool
-    python bench/flop_limit.py runs/multi30k_deen --pairs 20000 --batches 40
+    python bench/flop_limit.py runs/multi30k_deen --pairs 20000 --batches 40 --decode-lines 1000
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,17 +29,32 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from seqtool.checkpoint import load_model
 from seqtool.data import encode_pairs, epoch_batches, make_batch, read_pairs
+from seqtool.device import cpu_bf16_flag, cpu_flags
 from seqtool.train import batch_loss, make_optimizer
 
+KINDS = ("fp32", "bf16", "int8")
+UNITS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
 
-def gemm_gflops(m: int, k: int, n: int, seconds: float = 2.0) -> float:
-    """fp32 GFLOP/s of (m x k) @ (k x n) products, repeated for `seconds` after a warm-up."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    for _ in range(3):
-        a @ b
+
+def gemm_gflops(m: int, k: int, n: int, kind: str = "fp32", seconds: float = 2.0) -> float:
+    """GFLOP/s of (m x k) @ (k x n) products in `kind`, repeated for `seconds` after a warm-up. int8 is torch's
+    dynamic int8 linear (fp32 in and out, the input quantized on each call), as decoding with --quantize runs it."""
+    a = torch.randn(m, k)
+    if kind == "int8":
+        with warnings.catch_warnings():  # torch's deprecation notice for quantized tensors, as in seqtool.device
+            warnings.simplefilter("ignore")
+            layer = torch.ao.nn.quantized.dynamic.Linear(k, n, bias_=False, dtype=torch.qint8)
+            layer.set_weight_bias(torch.quantize_per_tensor(torch.randn(n, k), 0.05, 0, torch.qint8), None)
+        product = lambda: layer(a)  # noqa: E731
+    else:
+        b = torch.randn(k, n)
+        if kind == "bf16":
+            a, b = a.bfloat16(), b.bfloat16()
+        product = lambda: a @ b  # noqa: E731
+    product()
     count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
+    while count < 2 or time.perf_counter() - start < seconds:
+        product()
         count += 1
     return 2 * m * k * n * count / (time.perf_counter() - start) / 1e9
 
@@ -49,6 +69,7 @@ def main() -> None:
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("--pairs", type=int, default=10_000, help="training pairs read to make batches")
     ap.add_argument("--batches", type=int, default=30, help="batches counted and timed")
+    ap.add_argument("--decode-lines", type=int, default=500, help="validation lines decoded, fp32 and int8")
     args = ap.parse_args()
 
     bundle = load_model(args.model_dir)
@@ -85,21 +106,59 @@ def main() -> None:
     # One decoder step's product, input and state together: rows = sentences per batch, n = the gates.
     rnn = model.decoder.rnn
     rows, k, n = round(sents / len(batches)), rnn.input_size + rnn.hidden_size, rnn.weight_ih_l0.size(0)
-    peak = gemm_gflops(2048, 2048, 2048)
-    step_shape = gemm_gflops(rows, k, n)
+    shapes = {"2048^3 (peak)": (2048, 2048, 2048),
+              f"training output layer ({tokens // len(batches)} x {model.output.in_features} x "
+              f"{model.output.out_features})": (tokens // len(batches), model.output.in_features,
+                                                 model.output.out_features),
+              f"decoder step ({rows} x {k} x {n})": (rows, k, n)}
+    speed = {(label, kind): gemm_gflops(*shape, kind) for label, shape in shapes.items() for kind in KINDS}
+    peak = {kind: speed[next(iter(shapes)), kind] for kind in KINDS}
     reached = total / seconds / 1e9
+    flags = cpu_flags()
     print(f"{len(batches)} batches of the trainer's own making: {sents} sentences, {tokens} target tokens, "
-          f"{torch.get_num_threads()} threads\n")
-    print("| measure | value |")
+          f"{torch.get_num_threads()} threads; CPU units: {', '.join(u for u in UNITS if u in flags) or 'unknown'}\n")
+    print("| GEMM | " + " | ".join(f"{kind} GFLOP/s" for kind in KINDS) + " |\n|---|" + "---:|" * len(KINDS))
+    for label in shapes:
+        print(f"| {label} | " + " | ".join(f"{speed[label, kind]:.3g}" for kind in KINDS) + " |")
+    print("\n| measure | value |")
     print("|---|---:|")
-    print(f"| training FLOPs per sentence (fwd + bwd) | {total / sents / 1e9:.3f} G, output layer {output / total:.0%} |")
-    print(f"| fp32 GEMM 2048^3 (peak) | {peak:.0f} GFLOP/s |")
-    print(f"| fp32 GEMM of a decoder-step shape ({rows} x {k} x {n}) | {step_shape:.0f} GFLOP/s |")
-    print(f"| training steps (loss, backward, clipping, Adam) | {sents / seconds:.1f} sent/s, "
+    print(f"| training FLOPs per sentence (fwd + bwd) | {total / sents / 1e9:.3f} G, "
+          f"output layer {output / total:.0%} |")
+    print(f"| training steps, fp32 (loss, backward, clipping, Adam) | {sents / seconds:.1f} sent/s, "
           f"{tokens / seconds:.0f} tgt tok/s |")
-    print(f"| GFLOP/s reached in training | {reached:.0f} ({reached / peak:.0%} of the peak) |")
-    print(f"| sentences/s at the peak, every FLOP at GEMM speed | {peak * 1e9 / (total / sents):.0f} |")
+    # bf16 is a training precision only where the CPU has it natively (seqtool.device): elsewhere its
+    # peak is emulation's, and a fraction of it says nothing.
+    kinds = ("fp32", "bf16") if cpu_bf16_flag() else ("fp32",)
+    print(f"| GFLOP/s reached in training | {reached:.0f}: " +
+          ", ".join(f"{reached / peak[kind]:.0%} of the {kind} peak" for kind in kinds) + " |")
+    print("| sentences/s at the peak, every FLOP at GEMM speed | " +
+          ", ".join(f"{peak[kind] * 1e9 / (total / sents):.0f} ({kind})" for kind in kinds) + " |")
+    for kind, (work, lines, secs) in decode_rates(args.model_dir, cfg, args.decode_lines).items():
+        rate = work / secs / 1e9
+        print(f"| beam-5 decoding, {kind} ({lines} validation lines) | {lines / secs:.1f} lines/s, {rate:.0f} GFLOP/s "
+              f"= {rate / peak[kind]:.0%} of the {kind} peak |")
 
+
+def decode_rates(model_dir: Path, cfg, n: int) -> dict[str, tuple[int, int, float]]:
+    """Beam-5 decoding of the first n validation lines, fp32 and int8: (fp32 FLOPs counted, lines, seconds)."""
+    from seqtool.cli import _translator
+
+    lines = Path(cfg.data.valid_src).read_text(encoding="utf-8").splitlines()[:n]
+    rates, work = {}, 0
+    for kind, quantize in (("fp32", False), ("int8", True)):
+        translator = _translator(model_dir, [f"decoding.quantize={quantize}", "decoding.beam_size=5"], {}, quiet=True)
+        if kind == "fp32":  # counting doubles as its warm-up
+            counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_flops})
+            with counter, torch.inference_mode():
+                translator.translate(lines)
+            work = counter.get_total_flops()
+        with torch.inference_mode():
+            if kind != "fp32":
+                translator.translate(lines[:64])
+            start = time.perf_counter()
+            translator.translate(lines)
+            rates[kind] = (work, len(lines), time.perf_counter() - start)
+    return rates
 
 if __name__ == "__main__":
     main()

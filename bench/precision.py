@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from seqtool.config import ModelConfig
-from seqtool.device import Precision, cpu_has_native_bf16
+from seqtool.device import Precision, cpu_bf16_flag
 from seqtool.model.seq2seq import build_model
 from seqtool.tokenizer import PAD
 
@@ -58,7 +58,7 @@ def main() -> None:
     cpu = torch.device("cpu")
     print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"native bf16: {cpu_has_native_bf16()}")
+          f"native bf16: {cpu_bf16_flag() or 'none'}")
     print("\n| precision | s / step | sentences / s | time vs fp32 |\n|---|---:|---:|---:|")
     base = None
     for prec in (Precision(cpu), Precision(cpu, torch.bfloat16)):

@@ -45,14 +45,15 @@ def main() -> None:
     args = ap.parse_args()
     out = args.out / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
-    print(f"{os.cpu_count()} CPUs\n\n| processes | steps | sentences/s | target tok/s | wall s | valid loss | speed-up |\n"
+    print(f"{os.cpu_count()} CPUs\n\n| processes | steps | sentences/s | target tok/s | wall s | valid loss | "
+          "speed-up |\n"
           "|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     base = None
     for n in (int(x) for x in args.nproc.split(",")):
         r = train(n, args.steps, out)
         base = base or r
-        print(f"| {n} | {r['steps']} | {r['sent_per_s']} | {r['tgt_tok_per_s']:,.0f} | {r['wall_s']} | {r['valid_loss']} "
-              f"| {r['tgt_tok_per_s'] / base['tgt_tok_per_s']:.2f}x |", flush=True)
+        print(f"| {n} | {r['steps']} | {r['sent_per_s']} | {r['tgt_tok_per_s']:,.0f} | {r['wall_s']} "
+              f"| {r['valid_loss']} | {r['tgt_tok_per_s'] / base['tgt_tok_per_s']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def start_server(model: str, port: int, extra: list[str]) -> subprocess.Popen:
                 return proc
         except httpx.TransportError:
             if proc.poll() is not None:
-                raise SystemExit(f"server exited: {proc.stderr.read()}")
+                raise SystemExit(f"server exited: {proc.stderr.read()}") from None
             time.sleep(0.1)
     proc.kill()
     raise SystemExit("server did not start within 60 s")

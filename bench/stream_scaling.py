@@ -72,8 +72,8 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "seqtool", "train", "-c", "configs/sample.yaml", "-q",
                             "--set", f"training.model_dir={model}", *TINY], cwd=ROOT, check=True)
         print(f"model {args.model or 'tiny (hidden 32)'}, beam {args.beam}, {os.cpu_count()} cores")
-        print("| lines | exit | lines out | empty lines in place | repeats identical % | wall s | lines/s | peak RSS MB "
-              "| time / first | RSS / first |")
+        print("| lines | exit | lines out | empty lines in place | repeats identical % | wall s | lines/s "
+              "| peak RSS MB | time / first | RSS / first |")
         print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|", flush=True)
         rows = []
         for n in args.sizes.split(","):  # each row as soon as it is measured

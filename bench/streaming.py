@@ -30,7 +30,8 @@ def train(name: str, stream: bool, steps: int, out: Path) -> dict:
     src = json.dumps([f"{p}.src" for p in SHARDS[name]])
     tgt = json.dumps([f"{p}.tgt" for p in SHARDS[name]])
     cmd = [sys.executable, "-m", "seqtool", "train", "-c", "configs/couplets.yaml", "-q",
-           "--set", f"training.model_dir={model_dir}", "--set", f"data.train_src={src}", "--set", f"data.train_tgt={tgt}",
+           "--set", f"training.model_dir={model_dir}", "--set", f"data.train_src={src}",
+           "--set", f"data.train_tgt={tgt}",
            "--set", f"data.stream={str(stream).lower()}", "--set", f"training.max_steps={steps}",
            "--set", f"training.valid_every={steps}", "--set", "training.max_minutes=0",
            # the same tokenizer sample for every size, so the runs differ only in how the pairs are held
@@ -54,7 +55,8 @@ def main() -> None:
     args = ap.parse_args()
     out = args.out / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
-    print("| corpus | pairs | mode | steps | target tok/s | wall s (incl. start-up) | peak RSS MB | tok/s vs base | RSS vs base |\n"
+    print("| corpus | pairs | mode | steps | target tok/s | wall s (incl. start-up) | peak RSS MB | tok/s vs base | "
+          "RSS vs base |\n"
           "|---|---:|---|---:|---:|---:|---:|---:|---:|", flush=True)
     base = None
     with open(out / "results.jsonl", "w") as log:
@@ -63,8 +65,8 @@ def main() -> None:
                 r = train(name, stream, args.steps, out)
                 base = base or r
                 log.write(json.dumps(r) + "\n")
-                print(f"| {name} | {r['pairs']:,} | {r['mode']} | {r['steps']} | {r['tgt_tok_per_s']:,.0f} | {r['wall_s']} "
-                      f"| {r['peak_rss_mb']} | {r['tgt_tok_per_s'] / base['tgt_tok_per_s']:.2f} "
+                print(f"| {name} | {r['pairs']:,} | {r['mode']} | {r['steps']} | {r['tgt_tok_per_s']:,.0f} "
+                      f"| {r['wall_s']} | {r['peak_rss_mb']} | {r['tgt_tok_per_s'] / base['tgt_tok_per_s']:.2f} "
                       f"| {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} |", flush=True)
 
 

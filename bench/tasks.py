@@ -39,7 +39,8 @@ TASKS = {
 
 # Published or peer figures to print beside ours.
 REFERENCE = {
-    "aeslc": "Transformer from scratch 15.04 / 7.39 / 14.93; AESLC paper's best 23.67 / 10.29 / 23.44 (R-1/2/L, test.tgt)",
+    "aeslc": "Transformer from scratch 15.04 / 7.39 / 14.93; AESLC paper's best 23.67 / 10.29 / 23.44 "
+             "(R-1/2/L, test.tgt)",
     "multi30k_ende": "no peer run for en-de in ../shared/peers (de-en figures: docs/performance.md)",
     "couplets": "no published figure on this split",
 }

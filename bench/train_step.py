@@ -39,7 +39,8 @@ torch.manual_seed(seed)
 vocab = cfg.tokenizer.vocab_size
 model = build_model(cfg.model, vocab, vocab).train()
 # The tree's own optimizer where it has one (older trees: plain Adam).
-opt = train.make_optimizer(model, 1e-3) if hasattr(train, "make_optimizer") else torch.optim.Adam(model.parameters(), lr=1e-3)
+opt = (train.make_optimizer(model, 1e-3) if hasattr(train, "make_optimizer")
+       else torch.optim.Adam(model.parameters(), lr=1e-3))
 rng = random.Random(seed)
 batches = []
 for _ in range(8):
@@ -93,7 +94,8 @@ def main() -> None:
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=ROOT, check=True)
     med = {k: statistics.median(r["sent_per_s"] for r in v) for k, v in runs.items()}
-    rev = subprocess.run(["git", "rev-parse", "--short", args.rev], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    rev = subprocess.run(["git", "rev-parse", "--short", args.rev], cwd=ROOT, capture_output=True,
+                         text=True).stdout.strip()
     print(f"{config.name}, {args.rounds} rounds x {args.steps} steps, {time.strftime('%Y-%m-%d %H:%M')}\n")
     print("| tree | sentences/s (median) | rounds | ratio |\n|---|---:|---|---:|")
     for name, label in (("base", f"{args.rev} ({rev})"), ("this", "working tree")):

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -26,9 +26,13 @@ app.add_typer(tokenizer_app, name="tokenizer")
 SetOpt = typer.Option([], "--set", help="Override a config key: --set section.key=value (repeatable).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="Only errors on stderr.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="More detail on stderr.")
-DeviceOpt = typer.Option(None, "--device", help="auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda or cuda:N.")
-QuantizeOpt = typer.Option(None, "--quantize/--no-quantize", help="int8 weights for the linear and RNN layers: faster CPU decoding, BLEU within a few tenths (docs/performance.md).")
-ShortlistOpt = typer.Option(None, "--shortlist", help="Cut the output layer to each source token's N likeliest target tokens (learned when training) + the most frequent ones: faster decoding; 0 = whole vocabulary (decoding.shortlist).")
+DeviceOpt = typer.Option(None, "--device",
+                         help="auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda or cuda:N.")
+QuantizeOpt = typer.Option(None, "--quantize/--no-quantize", help="int8 weights for the linear and RNN layers: faster "
+                           "CPU decoding, BLEU within a few tenths (docs/performance.md).")
+ShortlistOpt = typer.Option(None, "--shortlist", help="Cut the output layer to each source token's N likeliest target "
+                            "tokens (learned when training) + the most frequent ones: faster decoding; 0 = whole "
+                            "vocabulary (decoding.shortlist).")
 
 
 INTERNAL_ERROR = 70  # sysexits' EX_SOFTWARE: not the user's mistake, and never mistaken for one (1, 2)
@@ -45,13 +49,18 @@ def train(
     tgt: Optional[str] = typer.Option(None, "--tgt", help="Training target file (data.train_tgt)."),
     valid_src: Optional[str] = typer.Option(None, "--valid-src", help="Dev source file (data.valid_src)."),
     valid_tgt: Optional[str] = typer.Option(None, "--valid-tgt", help="Dev target file (data.valid_tgt)."),
-    model_dir: Optional[str] = typer.Option(None, "--model-dir", "-o", help="Where to write the run (training.model_dir)."),
-    overrides: List[str] = SetOpt,
+    model_dir: Optional[str] = typer.Option(None, "--model-dir", "-o",
+                                            help="Where to write the run (training.model_dir)."),
+    overrides: list[str] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in training.model_dir where it stopped."),
     device: Optional[str] = DeviceOpt,
-    nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes on this machine (torch.distributed; same as torchrun --nproc-per-node). One process per GPU or per machine's worth of cores: on one CPU a single process already uses every core, so 2 processes on 2 cores run slower (docs/scaling.md)."),
+    nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes on this machine (torch.distributed; same as "
+                              "torchrun --nproc-per-node). One process per GPU or per machine's worth of cores: on one "
+                              "CPU a single process already uses every core, so 2 processes on 2 cores run slower "
+                              "(docs/scaling.md)."),
     quiet: bool = QuietOpt,
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print the resolved config, and a log line every 10 steps instead of the bar."),
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="Print the resolved config, and a log line every 10 steps instead of the bar."),
 ) -> None:
     """Train a tokenizer and a model; writes model.safetensors, config.yaml and metrics.jsonl to the model dir.
 
@@ -100,7 +109,7 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def _decoding(bundle, overrides: List[str], flags: dict):
+def _decoding(bundle, overrides: list[str], flags: dict):
     """The model's decoding section with --set overrides and flags (decoding key -> value or None) applied."""
     from seqtool.config import apply_overrides, validate
 
@@ -112,7 +121,7 @@ def _decoding(bundle, overrides: List[str], flags: dict):
     return validate(apply_overrides(raw, overrides)).decoding
 
 
-def _translator(model: Path, overrides: List[str], flags: dict, quiet: bool, verbose: bool = False,
+def _translator(model: Path, overrides: list[str], flags: dict, quiet: bool, verbose: bool = False,
                 attention: bool = False, bundle=None, pieces: bool = False, **controls):
     """A Translator for the model at `model` (or the already loaded `bundle`) with decoding flags applied."""
     from seqtool.checkpoint import load_model
@@ -128,7 +137,8 @@ def _translator(model: Path, overrides: List[str], flags: dict, quiet: bool, ver
         release_freed_memory()  # the conversion's temporaries
     if verbose:
         m = bundle.config.model
-        _err(f"model: {model} ({m.cell}, context {m.context}, vocab {bundle.src_tok.vocab_size}/{bundle.tgt_tok.vocab_size}) "
+        _err(f"model: {model} ({m.cell}, context {m.context}, "
+             f"vocab {bundle.src_tok.vocab_size}/{bundle.tgt_tok.vocab_size}) "
              f"on {net.device}{', int8' if decoding.quantize else ''}"
              f"{', shortlist table' if bundle.shortlist is not None else ', no shortlist table'}")
         _err("decoding: " + " ".join(f"{k}={v}" for k, v in decoding.model_dump().items()))
@@ -152,22 +162,32 @@ def translate(
     nbest: Optional[int] = typer.Option(None, "--nbest", help="Hypotheses kept per line (shown with --format json)."),
     batch_size: Optional[int] = BatchOpt,
     length_penalty: Optional[float] = LpOpt,
-    sample: bool = typer.Option(False, "--sample", help="Draw tokens at random (with --temperature, --top-k, --top-p, --seed) instead of beam search."),
+    sample: bool = typer.Option(False, "--sample", help="Draw tokens at random (with --temperature, --top-k, --top-p, "
+                                "--seed) instead of beam search."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 1)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most probable tokens."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample within the smallest set of this probability mass."),
+    top_p: Optional[float] = typer.Option(None, "--top-p",
+                                          help="Sample within the smallest set of this probability mass."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling (same seed, same output)."),
-    fmt: str = typer.Option("text", "--format", help="text: one line per input; json: one JSON object per input with n-best, scores and pieces."),
-    input_format: str = typer.Option("text", "--input-format", help='text: one sentence per line; jsonl: one JSON object per line, {"text": ..., "prefix": ..., "constraints": [...], "avoid": [...]}, every field but text optional.'),
-    prefix: Optional[str] = typer.Option(None, "--prefix", help="Every output begins with this text (a jsonl line's own prefix wins)."),
+    fmt: str = typer.Option("text", "--format", help="text: one line per input; json: one JSON object per input with "
+                            "n-best, scores and pieces."),
+    input_format: str = typer.Option("text", "--input-format", help='text: one sentence per line; jsonl: one JSON '
+                                     'object per line, {"text": ..., "prefix": ..., "constraints": [...], "avoid": '
+                                     '[...]}, every field but text optional.'),
+    prefix: Optional[str] = typer.Option(None, "--prefix",
+                                         help="Every output begins with this text (a jsonl line's own prefix wins)."),
     drop_prefix: bool = typer.Option(False, "--drop-prefix", help="Write the outputs without their prefix."),
-    avoid_file: Optional[Path] = typer.Option(None, "--avoid-file", help="Phrases no output may hold, one per line (besides a jsonl line's own avoid list)."),
-    attention: bool = typer.Option(False, "--attention", help="Add each output's attention weights to --format json (attention models)."),
+    avoid_file: Optional[Path] = typer.Option(None, "--avoid-file", help="Phrases no output may hold, one per line "
+                                              "(besides a jsonl line's own avoid list)."),
+    attention: bool = typer.Option(False, "--attention",
+                                   help="Add each output's attention weights to --format json (attention models)."),
     device: Optional[str] = DeviceOpt,
     quantize: Optional[bool] = QuantizeOpt,
     shortlist: Optional[int] = ShortlistOpt,
-    attention_plot: Optional[Path] = typer.Option(None, "--attention-plot", help="Save an attention heatmap per input line to this folder (LINE.png; with --format json the weights are shown too)."),
-    overrides: List[str] = SetOpt,
+    attention_plot: Optional[Path] = typer.Option(None, "--attention-plot", help="Save an attention heatmap per input "
+                                                  "line to this folder (LINE.png; with --format json the weights are "
+                                                  "shown too)."),
+    overrides: list[str] = SetOpt,
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
@@ -181,7 +201,8 @@ def translate(
 
         head -3 test.src | seqtool translate -m runs/sample --format json --attention-plot attn/
 
-        echo '{"text": "seliti roma lasa.", "prefix": "voba", "constraints": ["Kevi"]}' | seqtool translate -m runs/sample --input-format jsonl
+        echo '{"text": "seliti roma lasa.", "prefix": "voba", "constraints": ["Kevi"]}' |
+        seqtool translate -m runs/sample --input-format jsonl
     """
     from seqtool.data import iter_lines, read_lines
     from seqtool.translate import parse_jsonl, translate_stream
@@ -212,16 +233,22 @@ def translate(
 
 @app.command()
 def poem(
-    input: str = typer.Argument("-", help="File of heads strings, one poem per line; '-' or nothing reads stdin (unless --heads)."),
-    first: Path = typer.Option(..., "--first", help="The first-line model: a head character -> a line (configs/poem_first.yaml)."),
-    next_model: Path = typer.Option(..., "--next", help="The next-line model: a line -> the line answering it (configs/couplets.yaml)."),
-    heads: Optional[str] = typer.Option(None, "--heads", help="The heads of one poem, e.g. 春夏秋冬: line k begins with character k."),
+    input: str = typer.Argument("-", help="File of heads strings, one poem per line; '-' or nothing reads stdin "
+                                "(unless --heads)."),
+    first: Path = typer.Option(..., "--first",
+                               help="The first-line model: a head character -> a line (configs/poem_first.yaml)."),
+    next_model: Path = typer.Option(..., "--next", help="The next-line model: a line -> the line answering it "
+                                    "(configs/couplets.yaml)."),
+    heads: Optional[str] = typer.Option(None, "--heads",
+                                        help="The heads of one poem, e.g. 春夏秋冬: line k begins with character k."),
     chars: int = typer.Option(5, "--chars", help="Characters per line (5 and 7 are the classical forms)."),
     tones: bool = typer.Option(True, "--tones/--no-tones", help="Odd lines end on a 仄 tone, even lines on 平."),
-    fmt: str = typer.Option("text", "--format", "-f", help="text (the lines, a blank line between poems) or json (one object per poem)."),
+    fmt: str = typer.Option("text", "--format", "-f",
+                            help="text (the lines, a blank line between poems) or json (one object per poem)."),
     beam: Optional[int] = BeamOpt,
     device: Optional[str] = DeviceOpt,
-    overrides: List[str] = typer.Option([], "--set", help="Override a decoding key of the next-line model: --set decoding.no_echo=false (repeatable)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a decoding key of the next-line model: --set "
+                                        "decoding.no_echo=false (repeatable)."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Write acrostic poems (藏头诗): one line per head character, line k beginning with head k.
@@ -324,19 +351,22 @@ def _attention_plotter(folder: Path):
 
 @app.command()
 def evaluate(
-    ref: List[Path] = typer.Option(..., "--ref", "-r", help="Reference file, line-aligned; repeat for several references."),
-    src: Optional[Path] = typer.Option(None, "--src", "-s", help="Source file: translated with --model, and used by couplet metrics."),
+    ref: list[Path] = typer.Option(..., "--ref", "-r",
+                                   help="Reference file, line-aligned; repeat for several references."),
+    src: Optional[Path] = typer.Option(None, "--src", "-s",
+                                       help="Source file: translated with --model, and used by couplet metrics."),
     hyp: Optional[Path] = typer.Option(None, "--hyp", help="Score this existing output instead of translating."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model file or dir (with --src)."),
     beam: Optional[int] = BeamOpt,
     batch_size: Optional[int] = BatchOpt,
     length_penalty: Optional[float] = LpOpt,
-    metrics: str = typer.Option("bleu,chrf", "--metrics", help="Comma-separated: bleu, chrf, bleu_char, rouge, couplet."),
+    metrics: str = typer.Option("bleu,chrf", "--metrics",
+                                help="Comma-separated: bleu, chrf, bleu_char, rouge, couplet."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of text."),
     device: Optional[str] = DeviceOpt,
     quantize: Optional[bool] = QuantizeOpt,
     shortlist: Optional[int] = ShortlistOpt,
-    overrides: List[str] = SetOpt,
+    overrides: list[str] = SetOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Score output: translate --src with --model, or score an existing --hyp file.
@@ -389,7 +419,8 @@ def average(
 
     Example:
 
-        seqtool train -c configs/sample.yaml --set training.keep_last=5 && seqtool average runs/sample -o avg.safetensors
+        seqtool train -c configs/sample.yaml --set training.keep_last=5 &&
+        seqtool average runs/sample -o avg.safetensors
     """
     from seqtool.checkpoint import average_models, save_model, step_models
 
@@ -428,8 +459,9 @@ def info(
 
 @app.command()
 def plot(
-    runs: List[Path] = typer.Argument(..., help="One or more model dirs (their metrics.jsonl)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write. Default: RUN/curves.png of the first run."),
+    runs: list[Path] = typer.Argument(..., help="One or more model dirs (their metrics.jsonl)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="PNG to write. Default: RUN/curves.png of the first run."),
     x: str = typer.Option("step", "--x", help="Horizontal axis: step or time (minutes)."),
 ) -> None:
     """Draw training curves (loss, validation perplexity and BLEU, learning rate) to a PNG.
@@ -459,13 +491,16 @@ def serve(
     beam: Optional[int] = BeamOpt,
     batch_size: Optional[int] = BatchOpt,
     max_lines: int = typer.Option(1000, "--max-lines", help="Most lines per request, and per decoding round."),
-    wait_ms: float = typer.Option(5.0, "--batch-wait-ms", help="How long a request waits for others to share its batch."),
-    max_queue: int = typer.Option(10_000, "--max-queue", help="Most lines waiting to be decoded; beyond it a request gets 503 at once (back-pressure)."),
+    wait_ms: float = typer.Option(5.0, "--batch-wait-ms",
+                                  help="How long a request waits for others to share its batch."),
+    max_queue: int = typer.Option(10_000, "--max-queue", help="Most lines waiting to be decoded; beyond it a request "
+                                  "gets 503 at once (back-pressure)."),
     device: Optional[str] = DeviceOpt,
     quantize: Optional[bool] = QuantizeOpt,
     shortlist: Optional[int] = ShortlistOpt,
-    poem_first: Optional[Path] = typer.Option(None, "--poem-first", help="Also write acrostic poems (POST /poem): this first-line model begins each, the served model answers each line."),
-    overrides: List[str] = SetOpt,
+    poem_first: Optional[Path] = typer.Option(None, "--poem-first", help="Also write acrostic poems (POST /poem): this "
+                                              "first-line model begins each, the served model answers each line."),
+    overrides: list[str] = SetOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
     """Serve a model over HTTP: POST /translate {"lines": [...]}, GET /health, GET /info.
@@ -483,11 +518,13 @@ def serve(
     from seqtool.serve import serve as run_server
 
     if max_lines < 1 or wait_ms < 0 or max_queue < max_lines:
-        raise ConfigError("--max-lines must be at least 1, --batch-wait-ms at least 0 and --max-queue at least --max-lines")
+        raise ConfigError("--max-lines must be at least 1, --batch-wait-ms at least 0 "
+                          "and --max-queue at least --max-lines")
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port must be a TCP port, 1 to 65535, not {port}")
     bundle = load_model(model)
-    flags = {"beam_size": beam, "batch_size": batch_size, "device": device, "quantize": quantize, "shortlist": shortlist}
+    flags = {"beam_size": beam, "batch_size": batch_size, "device": device, "quantize": quantize,
+             "shortlist": shortlist}
     translator = _translator(model, overrides, flags, False, verbose, bundle=bundle, pieces=True)
     card = model_card(bundle, resolve_model_path(model))
     poet = None
@@ -495,12 +532,13 @@ def serve(
         from seqtool.poem import Poet
 
         poet = Poet(_translator(poem_first, [], {"beam_size": beam, "device": device}, False), translator)
-    run_server(make_app(translator, card, max_lines, wait_ms=wait_ms, max_queue=max_queue, poet=poet), host, port, verbose)
+    run_server(make_app(translator, card, max_lines, wait_ms=wait_ms, max_queue=max_queue, poet=poet), host, port,
+               verbose)
 
 
 @tokenizer_app.command("train")
 def tokenizer_train(
-    inputs: List[Path] = typer.Argument(..., help="Text files to learn from."),
+    inputs: list[Path] = typer.Argument(..., help="Text files to learn from."),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the sentencepiece model."),
     type: str = typer.Option("bpe", "--type", help="bpe, unigram, char, or word (text already split by spaces)."),
     vocab_size: int = typer.Option(8000, "--vocab-size", help="Upper bound on the number of pieces."),
@@ -536,11 +574,13 @@ def _tokenizer_io(model: Path, input: str, fn) -> None:
         sys.stdout.flush()
 
 
-TokModelOpt = typer.Option(..., "--model", "-m", help="A sentencepiece model, or a seqtool model (its source tokenizer).")
+TokModelOpt = typer.Option(..., "--model", "-m",
+                           help="A sentencepiece model, or a seqtool model (its source tokenizer).")
 
 
 @tokenizer_app.command("encode")
-def tokenizer_encode(input: str = typer.Argument("-", help="Text file, or '-' for stdin."), model: Path = TokModelOpt) -> None:
+def tokenizer_encode(input: str = typer.Argument("-", help="Text file, or '-' for stdin."),
+                     model: Path = TokModelOpt) -> None:
     """Text -> space-separated pieces, one line per line.
 
     Example:
@@ -551,7 +591,8 @@ def tokenizer_encode(input: str = typer.Argument("-", help="Text file, or '-' fo
 
 
 @tokenizer_app.command("decode")
-def tokenizer_decode(input: str = typer.Argument("-", help="Pieces file, or '-' for stdin."), model: Path = TokModelOpt) -> None:
+def tokenizer_decode(input: str = typer.Argument("-", help="Pieces file, or '-' for stdin."),
+                     model: Path = TokModelOpt) -> None:
     """Space-separated pieces -> text, one line per line.
 
     Example:

@@ -6,14 +6,15 @@ Validated when loaded; unknown keys and bad values are reported together, each b
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from seqtool.errors import ConfigError
-
 
 DEVICE = r"^(auto|cpu|cuda(:\d+)?)$"
 SHORTLIST_TABLE = 100  # associated target tokens a model file keeps per source token (decoding.shortlist's most)
@@ -24,51 +25,58 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    train_src: Optional[Union[str, list[str]]] = Field(None, description="a file, a glob pattern, or a list of them (shards)")
-    train_tgt: Optional[Union[str, list[str]]] = Field(None, description="the target files, in the order of train_src")
+    train_src: Optional[Union[str, list[str]]] = Field(
+        default=None, description="a file, a glob pattern, or a list of them (shards)")
+    train_tgt: Optional[Union[str, list[str]]] = Field(
+        default=None, description="the target files, in the order of train_src")
     valid_src: Optional[str] = None
     valid_tgt: Optional[str] = None
-    max_src_len: int = Field(100, gt=0, description="training pairs with more source tokens are dropped")
-    max_tgt_len: int = Field(100, gt=0, description="training pairs with more target tokens are dropped")
-    truncate_src: int = Field(0, ge=0, description="cut sources to this many tokens (training and decoding); 0 = off")
-    stream: bool = Field(False, description="read training pairs from disk each epoch instead of holding them in memory")
-    shuffle_buffer: int = Field(100_000, gt=0, description="stream: pairs held at once for shuffling and length bucketing")
+    max_src_len: int = Field(default=100, gt=0, description="training pairs with more source tokens are dropped")
+    max_tgt_len: int = Field(default=100, gt=0, description="training pairs with more target tokens are dropped")
+    truncate_src: int = Field(
+        default=0, ge=0, description="cut sources to this many tokens (training and decoding); 0 = off")
+    stream: bool = Field(
+        default=False, description="read training pairs from disk each epoch instead of holding them in memory")
+    shuffle_buffer: int = Field(
+        default=100_000, gt=0, description="stream: pairs held at once for shuffling and length bucketing")
 
 
 class TokenizerConfig(Section):
     type: Literal["bpe", "unigram", "char", "word"] = "bpe"
-    vocab_size: int = Field(8000, ge=8, le=1_000_000)
+    vocab_size: int = Field(default=8000, ge=8, le=1_000_000)
     joint: bool = True
-    character_coverage: float = Field(1.0, gt=0.0, le=1.0)
-    max_sentences: int = Field(2_000_000, gt=0, description="lines sampled to train sentencepiece")
+    character_coverage: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_sentences: int = Field(default=2_000_000, gt=0, description="lines sampled to train sentencepiece")
 
 
 class ModelConfig(Section):
     cell: Literal["gru", "lstm", "rnn"] = "gru"
-    embedding_size: int = Field(256, gt=0, le=65536)
-    encoder_hidden_size: int = Field(256, gt=0, le=65536)
-    encoder_layers: int = Field(1, gt=0, le=16)
+    embedding_size: int = Field(default=256, gt=0, le=65536)
+    encoder_hidden_size: int = Field(default=256, gt=0, le=65536)
+    encoder_layers: int = Field(default=1, gt=0, le=16)
     bidirectional: bool = True
-    hidden_size: int = Field(512, gt=0, le=65536)
-    decoder_layers: int = Field(1, gt=0, le=16)
+    hidden_size: int = Field(default=512, gt=0, le=65536)
+    decoder_layers: int = Field(default=1, gt=0, le=16)
     context: Literal["init", "every_step", "attention"] = "attention"
     attention: Literal["bahdanau", "luong_dot", "luong_general", "luong_concat"] = "bahdanau"
     input_feeding: bool = False
-    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    dropout: float = Field(default=0.3, ge=0.0, lt=1.0)
     tie_embeddings: bool = False
-    init_scale: float = Field(0.0, ge=0.0, le=1.0, description="every weight starts uniform in (-s, s), as in "
+    init_scale: float = Field(default=0.0, ge=0.0, le=1.0, description="every weight starts uniform in (-s, s), as in "
                               "OpenNMT-py (0.1 there); 0 keeps torch's per-layer defaults")
-    copy_source: bool = Field(False, description="pointer-generator: mix generating a token with copying a source token "
-                       "by attention (context attention and a joint tokenizer)")
+    copy_source: bool = Field(
+        default=False, description="pointer-generator: mix generating a token with copying a source "
+                                   "token by attention (context attention and a joint tokenizer)")
 
     @model_validator(mode="after")
-    def _combinations(self) -> "ModelConfig":
+    def _combinations(self) -> ModelConfig:
         """Combinations the field types alone cannot reject, all reported together."""
         problems = []
         enc_size = self.encoder_hidden_size * (2 if self.bidirectional else 1)
         if self.context == "attention" and self.attention == "luong_dot" and enc_size != self.hidden_size:
-            problems.append(f"model.attention luong_dot needs model.hidden_size ({self.hidden_size}) equal to the encoder "
-                            f"output size ({enc_size} = encoder_hidden_size x directions); use luong_general or bahdanau")
+            problems.append(f"model.attention luong_dot needs model.hidden_size ({self.hidden_size}) equal to the "
+                            f"encoder output size ({enc_size} = encoder_hidden_size x directions); use luong_general "
+                            "or bahdanau")
         if self.input_feeding and not (self.context == "attention" and self.attention != "bahdanau"):
             problems.append("model.input_feeding applies to luong_* attention only")
         if self.copy_source and self.context != "attention":
@@ -81,62 +89,76 @@ class ModelConfig(Section):
 class TrainingConfig(Section):
     model_dir: str = "runs/model"
     seed: int = 42
-    batch_tokens: int = Field(2000, gt=0, description="padded target tokens per batch")
-    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    batch_tokens: int = Field(default=2000, gt=0, description="padded target tokens per batch")
+    lr: float = Field(default=1e-3, gt=0.0, le=10.0)
     schedule: Literal["constant", "plateau", "inverse_sqrt"] = "constant"
-    warmup_steps: int = Field(1000, ge=0)
-    plateau_factor: float = Field(0.5, gt=0.0, lt=1.0)
-    plateau_patience: int = Field(2, ge=0)
-    min_lr: float = Field(1e-6, ge=0.0)
-    clip_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping")
-    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
-    max_epochs: int = Field(30, ge=0, description="0 means no limit")
-    max_steps: int = Field(0, ge=0, description="0 means no limit")
-    max_minutes: float = Field(0.0, ge=0.0, description="wall-clock budget; 0 means no limit")
-    valid_every: int = Field(500, gt=0)
-    valid_max_sentences: int = Field(0, ge=0, description="decode only this many dev lines for BLEU; 0 = all")
+    warmup_steps: int = Field(default=1000, ge=0)
+    plateau_factor: float = Field(default=0.5, gt=0.0, lt=1.0)
+    plateau_patience: int = Field(default=2, ge=0)
+    min_lr: float = Field(default=1e-6, ge=0.0)
+    clip_grad_norm: float = Field(default=1.0, ge=0.0, description="0 disables clipping")
+    label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
+    max_epochs: int = Field(default=30, ge=0, description="0 means no limit")
+    max_steps: int = Field(default=0, ge=0, description="0 means no limit")
+    max_minutes: float = Field(default=0.0, ge=0.0, description="wall-clock budget; 0 means no limit")
+    valid_every: int = Field(default=500, gt=0)
+    valid_max_sentences: int = Field(default=0, ge=0, description="decode only this many dev lines for BLEU; 0 = all")
     keep_best_by: Literal["bleu", "rouge", "loss"] = Field(
-        "bleu", description="dev-set score that picks model.safetensors; rouge = mean of ROUGE-1/2/L F1")
-    keep_last: int = Field(0, ge=0, le=1000, description="also keep the models of the last N validations (seqtool average)")
-    patience: int = Field(10, ge=0, description="validations without improvement before stopping; 0 = never")
-    threads: int = Field(0, ge=0, description="torch threads; 0 = one per core")
-    device: str = Field("auto", pattern=DEVICE, description="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N")
+        default="bleu", description="dev-set score that picks model.safetensors; rouge = mean of ROUGE-1/2/L F1")
+    keep_last: int = Field(
+        default=0, ge=0, le=1000, description="also keep the models of the last N validations (seqtool average)")
+    patience: int = Field(default=10, ge=0, description="validations without improvement before stopping; 0 = never")
+    threads: int = Field(default=0, ge=0, description="torch threads; 0 = one per core")
+    device: str = Field(
+        default="auto", pattern=DEVICE, description="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 or fp16 mixed precision on CUDA, fp32 on the CPU")
-    on_nan: Literal["skip", "stop"] = Field("skip", description="a batch whose loss is NaN/inf: skip it, or stop training")
+        default="auto",
+        description="auto: bf16 or fp16 mixed precision on CUDA; on the CPU bf16 where it has native bf16 "
+                    "(amx_bf16, avx512_bf16), else fp32")
+    on_nan: Literal["skip", "stop"] = Field(
+        default="skip", description="a batch whose loss is NaN/inf: skip it, or stop training")
 
 
 class DecodingConfig(Section):
-    beam_size: int = Field(5, gt=0, le=256)
-    length_penalty: float = Field(1.0, ge=0.0, le=10.0, description="GNMT alpha; 0 = raw log-probability")
-    coverage_penalty: float = Field(0.0, ge=0.0, le=10.0, description="GNMT beta (attention models, beam search)")
-    max_len_a: float = Field(1.5, ge=0.0, le=100.0)
-    max_len_b: int = Field(10, ge=0, le=10000)
-    min_len: int = Field(1, ge=0, le=10000, description="fewest output tokens")
-    max_len: int = Field(0, ge=0, le=100000, description="most output tokens; 0 = only max_len_a/b")
-    no_repeat_ngram: int = Field(0, ge=0, le=100, description="block repeating n-grams of this size; 0 = off")
-    sample: bool = Field(False, description="draw tokens at random instead of searching (beam_size is then ignored)")
-    temperature: float = Field(1.0, gt=0.0, le=100.0)
-    top_k: int = Field(0, ge=0, description="sample among the k most probable tokens; 0 = all")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="sample within the smallest set of this probability mass")
-    seed: int = Field(0, description="seed for sampling")
-    exact_length: bool = Field(False, description="output exactly as many tokens as the input (couplets)")
-    copy_punctuation: bool = Field(False, description="punctuation of the input at the same positions (needs exact_length)")
-    final_tone: bool = Field(False, description="couplets: the last character's tone answers the input's (仄 by 平, 平 by 仄)")
-    mirror_repeats: bool = Field(False, description="couplets: a character repeats exactly where the input's does")
-    no_echo: bool = Field(False, description="couplets: no character of the input at its own position")
-    nbest: int = Field(1, gt=0)
-    batch_size: int = Field(64, gt=0, le=100000, description="sentences per decoding batch")
-    buffer_lines: int = Field(2000, gt=0, description="lines read ahead and sorted by length")
-    max_input_tokens: int = Field(1024, gt=0, description="longer inputs are truncated with a warning")
-    device: str = Field("auto", pattern=DEVICE, description="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N")
-    quantize: bool = Field(False, description="int8 dynamic quantization of the linear and RNN layers (CPU decoding)")
-    shortlist: int = Field(0, ge=0, le=SHORTLIST_TABLE, description="output layer cut to each source token's N likeliest "
-                           "target tokens + the most frequent ones (faster decoding); 0 = whole vocabulary")
-    shortlist_frequent: int = Field(100, ge=0, description="with shortlist: the most frequent target tokens always kept")
+    beam_size: int = Field(default=5, gt=0, le=256)
+    length_penalty: float = Field(default=1.0, ge=0.0, le=10.0, description="GNMT alpha; 0 = raw log-probability")
+    coverage_penalty: float = Field(
+        default=0.0, ge=0.0, le=10.0, description="GNMT beta (attention models, beam search)")
+    max_len_a: float = Field(default=1.5, ge=0.0, le=100.0)
+    max_len_b: int = Field(default=10, ge=0, le=10000)
+    min_len: int = Field(default=1, ge=0, le=10000, description="fewest output tokens")
+    max_len: int = Field(default=0, ge=0, le=100000, description="most output tokens; 0 = only max_len_a/b")
+    no_repeat_ngram: int = Field(default=0, ge=0, le=100, description="block repeating n-grams of this size; 0 = off")
+    sample: bool = Field(
+        default=False, description="draw tokens at random instead of searching (beam_size is then ignored)")
+    temperature: float = Field(default=1.0, gt=0.0, le=100.0)
+    top_k: int = Field(default=0, ge=0, description="sample among the k most probable tokens; 0 = all")
+    top_p: float = Field(
+        default=1.0, gt=0.0, le=1.0, description="sample within the smallest set of this probability mass")
+    seed: int = Field(default=0, description="seed for sampling")
+    exact_length: bool = Field(default=False, description="output exactly as many tokens as the input (couplets)")
+    copy_punctuation: bool = Field(
+        default=False, description="punctuation of the input at the same positions (needs exact_length)")
+    final_tone: bool = Field(
+        default=False, description="couplets: the last character's tone answers the input's (仄 by 平, 平 by 仄)")
+    mirror_repeats: bool = Field(
+        default=False, description="couplets: a character repeats exactly where the input's does")
+    no_echo: bool = Field(default=False, description="couplets: no character of the input at its own position")
+    nbest: int = Field(default=1, gt=0)
+    batch_size: int = Field(default=64, gt=0, le=100000, description="sentences per decoding batch")
+    buffer_lines: int = Field(default=2000, gt=0, description="lines read ahead and sorted by length")
+    max_input_tokens: int = Field(default=1024, gt=0, description="longer inputs are truncated with a warning")
+    device: str = Field(
+        default="auto", pattern=DEVICE, description="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N")
+    quantize: bool = Field(
+        default=False, description="int8 dynamic quantization of the linear and RNN layers (CPU decoding)")
+    shortlist: int = Field(default=0, ge=0, le=SHORTLIST_TABLE, description="output layer cut to each source token's N "
+                           "likeliest target tokens + the most frequent ones (faster decoding); 0 = whole vocabulary")
+    shortlist_frequent: int = Field(
+        default=100, ge=0, description="with shortlist: the most frequent target tokens always kept")
 
     @model_validator(mode="after")
-    def _nbest_fits(self) -> "DecodingConfig":
+    def _nbest_fits(self) -> DecodingConfig:
         # A beam holds beam_size hypotheses and sampling draws one: more would be silently fewer.
         if self.sample and self.nbest > 1:
             raise ValueError(f"decoding.nbest {self.nbest} with decoding.sample: sampling draws one output per line")
@@ -154,7 +176,7 @@ class Config(Section):
     decoding: DecodingConfig = DecodingConfig()
 
     @model_validator(mode="after")
-    def _cross_section_constraints(self) -> "Config":
+    def _cross_section_constraints(self) -> Config:
         d, problems = self.decoding, []
         if d.copy_punctuation and not d.exact_length:
             problems.append("decoding.copy_punctuation needs decoding.exact_length: true")
@@ -165,7 +187,8 @@ class Config(Section):
         if d.exact_length and self.tokenizer.type != "word":
             problems.append("decoding.exact_length needs tokenizer.type word (one token per character, as couplets)")
         if self.model.copy_source and not self.tokenizer.joint:
-            problems.append("model.copy_source needs tokenizer.joint: true (a copied source token must be a target token)")
+            problems.append("model.copy_source needs tokenizer.joint: true (a copied source token must be a target "
+                            "token)")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -182,7 +205,7 @@ def _section_fields(loc: tuple) -> list[str]:
     return list(model.model_fields) if hasattr(model, "model_fields") else []
 
 
-def _describe(err: dict) -> str:
+def _describe(err: ErrorDetails) -> str:
     loc = tuple(err["loc"])
     name = ".".join(str(p) for p in loc) or "config"
     if err["type"] == "extra_forbidden":
@@ -229,7 +252,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> Config:
+def load_config(path: Optional[str | Path], overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config (or start from defaults when path is None) and apply --set overrides."""
     raw: Any = {}
     if path is not None:

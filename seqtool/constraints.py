@@ -16,8 +16,9 @@ Token ids are the search's: with a shortlist, positions in its sorted ids (`spac
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterable, Optional, Sequence
+from typing import ClassVar, Optional, cast
 
 import torch
 
@@ -38,7 +39,7 @@ class Constraint:
     def mask(self, lp: torch.Tensor, t: int, sents: torch.Tensor) -> torch.Tensor:
         return lp
 
-    def select(self, index: torch.Tensor, tokens: torch.Tensor, sents: torch.Tensor) -> "Constraint":
+    def select(self, index: torch.Tensor, tokens: torch.Tensor, sents: torch.Tensor) -> Constraint:
         return self
 
     def bank(self, row: int, sent: int, token: int) -> int:
@@ -125,7 +126,8 @@ class NoRepeatNgram(Constraint):
 
     def select(self, index, tokens, sents):
         old = self.history
-        return NoRepeatNgram(self.n, [(old[i] if old else ()) + (tok,) for i, tok in zip(index.tolist(), tokens.tolist())])
+        return NoRepeatNgram(self.n, [(old[i] if old else ()) + (tok,)
+                                      for i, tok in zip(index.tolist(), tokens.tolist())])
 
 
 @dataclass
@@ -161,7 +163,8 @@ class Mirror(Constraint):
     CDC) and nowhere else, so that no repetition in the output is an accident."""
 
     rule: ClassVar[str] = "decoding.mirror_repeats"
-    pattern: torch.Tensor  # (B, T) per step: the earlier step whose token it repeats, itself where it must be new, -1: free
+    # (B, T) per step: the earlier step whose token it repeats, itself where it must be new, -1: free
+    pattern: torch.Tensor
     history: Optional[torch.Tensor] = None  # (rows, t) tokens so far
 
     def mask(self, lp, t, sents):
@@ -309,14 +312,16 @@ class Include(Constraint):
         met, tail, _ = state
         here, later = self._room(sent, t)
         unmet = self._unmet(sent, met)
-        lengths = lambda ps: tuple(sorted((len(p) for p in ps), reverse=True))
+        def lengths(ps):
+            return tuple(sorted((len(p) for p in ps), reverse=True))
         if self._packs(lengths(unmet), tuple(sorted((here, *later), reverse=True))):
             return True
         for i, p in enumerate(unmet):
             for k in range(1, min(len(tail), len(p) - 1) + 1):
                 rest = len(p) - k
                 if p[:k] == tail[len(tail) - k:] and rest <= here and \
-                        self._packs(lengths(unmet[:i] + unmet[i + 1:]), tuple(sorted((here - rest, *later), reverse=True))):
+                        self._packs(lengths(unmet[:i] + unmet[i + 1:]),
+                                    tuple(sorted((here - rest, *later), reverse=True))):
                     return True
         return False
 
@@ -325,7 +330,8 @@ class Include(Constraint):
         def compute():
             unmet = self._unmet(sent, state[0])
             here, later = self._room(sent, t + 1)
-            if self._packs(tuple(sorted((len(p) for p in unmet), reverse=True)), tuple(sorted((here, *later), reverse=True))):
+            if self._packs(tuple(sorted((len(p) for p in unmet), reverse=True)),
+                           tuple(sorted((here, *later), reverse=True))):
                 return None  # whatever comes now, there is room left for every phrase
             ok = sorted(tok for tok in self._candidates(sent, state)
                         if self.feasible(sent, self.transition(sent, state, tok), t + 1))
@@ -396,7 +402,7 @@ class Rules:
             masked[yields] = lp[yields]
         return masked
 
-    def select(self, index: torch.Tensor, tokens: torch.Tensor, sents: torch.Tensor) -> "Rules":
+    def select(self, index: torch.Tensor, tokens: torch.Tensor, sents: torch.Tensor) -> Rules:
         return Rules(self.max_len, [c.select(index, tokens, sents) for c in self.constraints])
 
     def bank(self, row: int, sent: int, token: int) -> int:
@@ -518,7 +524,7 @@ def make_rules(lines: Sequence[LineSpec], d: DecodingConfig, vocab: Vocab, space
     target ids and the rules are over positions in it."""
     to = _Space(vocab.size, space, device)
     limits = [length_limit(line, d) for line in lines]
-    rules: list[Constraint] = [Banned(to.mask([PAD, BOS, UNK, *vocab.banned]))]
+    rules: list[Constraint] = [Banned(cast(torch.Tensor, to.mask([PAD, BOS, UNK, *vocab.banned])))]  # never empty
     mins = [len(line.positions) if line.positions is not None else min(d.min_len, limit)
             for line, limit in zip(lines, limits)]
     rules.append(MinLength(torch.tensor(mins, device=device)))
@@ -578,7 +584,7 @@ def free_runs(fixed: list[int], limit: int) -> list[tuple[int, int]]:
     return runs
 
 
-def _avoid(lines: Sequence[LineSpec], to: "_Space", device) -> Avoid:
+def _avoid(lines: Sequence[LineSpec], to: _Space, device) -> Avoid:
     """Phrases with a token the search cannot produce (outside a shortlist) cannot appear: dropped. Lines
     with the same list (an avoid file gives every line the same) share one table."""
     singles = torch.zeros(len(lines), len(to), dtype=torch.bool)
@@ -586,6 +592,7 @@ def _avoid(lines: Sequence[LineSpec], to: "_Space", device) -> Avoid:
     tables: dict[tuple[Phrase, ...], tuple[list[int], dict[Phrase, list[int]]]] = {}
     for s, line in enumerate(lines):
         if line.avoid not in tables:
+            table: dict[Phrase, list[int]]
             ones, table = [], {}
             for p in map(to.ids, line.avoid):
                 if min(p) < 0:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import random
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO
 
 import torch
 
@@ -83,7 +84,7 @@ class Examples:
     def __len__(self) -> int:
         return len(self.src)
 
-    def subset(self, idx: Sequence[int]) -> "Examples":
+    def subset(self, idx: Sequence[int]) -> Examples:
         return Examples([self.src[i] for i in idx], [self.tgt[i] for i in idx])
 
 
@@ -125,7 +126,7 @@ class Batch:
     def size(self) -> int:
         return self.src.size(0)
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         return Batch(self.src.to(device), self.src_lens.to(device), self.tgt_in.to(device), self.tgt_out.to(device),
                      self.n_tgt_tokens)
 

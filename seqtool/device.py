@@ -1,21 +1,23 @@
 """Where the model runs and in what precision, chosen from what the machine has, never assumed.
 
 `auto` takes a CUDA GPU when torch sees one, else the CPU. On CUDA, training uses mixed precision:
-bf16 where the GPU supports it, else fp16 with a gradient scaler. On the CPU it is fp32: bf16 on a
-CPU without native bf16 instructions was measured 20-50x slower (bench/precision.py measures it
-on yours), so bf16 there must be asked for, and is refused where the CPU lacks it. Decoding on the
-CPU may also quantize: int8 weights for the linear and RNN layers (`decoding.quantize`).
+bf16 where the GPU supports it, else fp16 with a gradient scaler. On the CPU, `auto` reads the CPU's
+flags: bf16 autocast where it has native bf16 (AMX's `amx_bf16` matrix units, or `avx512_bf16`),
+measured 1.34x fp32 sentences/s on a Xeon with AMX and 1.54x on a Zen 4 EPYC; fp32 elsewhere, as
+bf16 on a CPU without it was measured 20-50x slower (bench/precision.py measures it on yours), and
+there bf16 is refused. Decoding on the CPU may also quantize: int8 weights for the linear and RNN
+layers (`decoding.quantize`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import warnings
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import ContextManager, Optional
+from typing import Optional
 
 import torch
 
@@ -30,7 +32,8 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"device {name}: torch sees no CUDA GPU here (torch {torch.__version__}); use cpu or auto")
+            raise ConfigError(f"device {name}: torch sees no CUDA GPU here (torch {torch.__version__}); "
+                              "use cpu or auto")
         device = torch.device(name)
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"device {name}: there are {torch.cuda.device_count()} CUDA GPUs")
@@ -38,29 +41,41 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # native bf16: AMX tiles first, then AVX-512's bf16 dot products
+
+
 @lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """avx512_bf16 or amx_bf16 among the CPU flags (Linux); False where that cannot be read."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where that cannot be read, so nothing is assumed."""
     try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+        return frozenset()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def cpu_bf16_flag() -> Optional[str]:
+    """The flag that gives this CPU native bf16 (amx_bf16 before avx512_bf16), or None."""
+    return next((f for f in BF16_FLAGS if f in cpu_flags()), None)
 
 
 @dataclass(frozen=True)
 class Precision:
-    """How the forward pass runs: autocast to `dtype` (None: plain fp32); `scaled`: fp16 loss scaling."""
+    """How the forward pass runs: autocast to `dtype` (None: plain fp32); `scaled`: fp16 loss scaling;
+    `why`: how it was chosen, for the training log."""
 
     device: torch.device
     dtype: Optional[torch.dtype] = None
     scaled: bool = False
+    why: str = field(default="asked for", compare=False)
 
     @property
     def name(self) -> str:
-        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
+        names: dict[Optional[torch.dtype], str] = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+        return names.get(self.dtype, "fp32")
 
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> AbstractContextManager:
         if self.dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
@@ -79,15 +94,21 @@ def pick_precision(device: torch.device, requested: str) -> Precision:
         return Precision(device)
     if device.type == "cuda":
         if requested == "auto":
-            requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            bf16 = torch.cuda.is_bf16_supported()
+            return Precision(device, DTYPES["bf16" if bf16 else "fp16"], scaled=not bf16,
+                             why=f"auto: this GPU {'has' if bf16 else 'lacks'} bf16")
         if requested == "bf16" and not torch.cuda.is_bf16_supported():
             raise ConfigError("training.precision bf16: this GPU has no bf16; use fp16 or auto")
         return Precision(device, DTYPES[requested], scaled=requested == "fp16")
+    flag = cpu_bf16_flag()
     if requested == "auto":
-        return Precision(device)
+        if flag is None:
+            return Precision(device, why="auto: this CPU has no native bf16 (no amx_bf16 or avx512_bf16)")
+        return Precision(device, torch.bfloat16, why=f"auto: this CPU has {flag}")
     if requested == "fp16":
-        raise ConfigError("training.precision fp16 is for CUDA GPUs; on the CPU use fp32 (or bf16 where the CPU has it)")
-    if not cpu_has_native_bf16():
+        raise ConfigError("training.precision fp16 is for CUDA GPUs; on the CPU use fp32 "
+                          "(or bf16 where the CPU has it)")
+    if flag is None:
         raise ConfigError("training.precision bf16: this CPU has no native bf16 (no avx512_bf16 / amx_bf16), where it "
                           "runs 20-50x slower than fp32; use fp32 or auto")
     return Precision(device, torch.bfloat16)
@@ -97,7 +118,8 @@ def quantized(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """An int8 dynamically quantized copy of `model` for CPU inference (torch.ao: nn.Linear, GRU, LSTM)."""
     if device.type != "cpu":
         raise ConfigError(f"decoding.quantize is int8 inference on the CPU; the model is on {device}")
-    if "fbgemm" not in torch.backends.quantized.supported_engines and "x86" not in torch.backends.quantized.supported_engines:
+    if ("fbgemm" not in torch.backends.quantized.supported_engines
+            and "x86" not in torch.backends.quantized.supported_engines):
         raise ConfigError("decoding.quantize: this torch build has no x86 quantized engine")
     return int8_dynamic(model)
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -107,7 +108,7 @@ def main_does(fn: Callable[[], T], ranks: Ranks) -> T:
     result, error = from_main((result, error), ranks)
     if error is not None:
         raise error
-    return result
+    return cast(T, result)  # error is None: rank 0's fn() returned it
 
 
 def launch(nproc: int, argv: list[str]) -> int:

@@ -10,12 +10,12 @@ Characters without a reading (punctuation, Latin letters, digits) and the neutra
 from __future__ import annotations
 
 import unicodedata
-from functools import lru_cache
+from functools import cache
 
 NONE, PING, ZE = 0, 1, 2
 
 
-@lru_cache(maxsize=None)
+@cache
 def tone(char: str) -> int:
     """PING, ZE or NONE for one character (anything but a single character has NONE)."""
     if len(char) != 1 or char.isspace():

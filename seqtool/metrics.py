@@ -24,8 +24,9 @@ Definitions (also in docs/metrics.md):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import sacrebleu
 

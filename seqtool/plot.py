@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from seqtool.checkpoint import atomic_write
 from seqtool.errors import DataError, SeqtoolError

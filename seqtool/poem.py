@@ -24,7 +24,8 @@ MAX_CHARS = 32  # the longest lines of the couplet data
 class Poet:
     first: Translator  # a head character -> a line
     next_line: Translator  # a line -> the line answering it
-    tones: bool = True  # odd lines end on 仄, even lines on 平; False: no tone asked, the next-line model's own rule off too
+    # odd lines end on 仄, even lines on 平; False: no tone asked, the next-line model's own rule off too
+    tones: bool = True
 
     def __post_init__(self) -> None:
         if not (self.first.tgt_tok.word and self.next_line.decoding.exact_length):
@@ -32,7 +33,8 @@ class Poet:
                                "next-line model that answers with a line of the same length (decoding.exact_length, "
                                "as a couplet model)")
         if not self.tones and self.next_line.decoding.final_tone:
-            self.next_line = replace(self.next_line, decoding=self.next_line.decoding.model_copy(update={"final_tone": False}))
+            self.next_line = replace(self.next_line,
+                                     decoding=self.next_line.decoding.model_copy(update={"final_tone": False}))
 
     def heads(self, text: str, lineno: int) -> list[str]:
         """The head characters of one poem; a DataError names the first that cannot head a line."""
@@ -42,7 +44,8 @@ class Poet:
         for c in heads:
             if not is_wide(c) or is_punct(c):
                 raise DataError(f"line {lineno}: the head {c!r} is not a Chinese character")
-            for what, tok in (("first-line model's input", self.first.src_tok), ("first-line model's output", self.first.tgt_tok),
+            for what, tok in (("first-line model's input", self.first.src_tok),
+                              ("first-line model's output", self.first.tgt_tok),
                               ("next-line model's output", self.next_line.tgt_tok)):
                 if tok.encode(c) == [UNK]:
                     raise DataError(f"line {lineno}: the head {c!r} is not in the {what} vocabulary")
@@ -59,7 +62,8 @@ class Poet:
             end = (ZE if k % 2 == 0 else PING) if self.tones else NONE
             todo = [i for i, h in enumerate(heads) if k < len(h)]
             if k == 0:
-                translator, sources = self.first, [Source(heads[i][0], heads[i][0], length=chars, end_tone=end) for i in todo]
+                translator, sources = self.first, [Source(heads[i][0], heads[i][0], length=chars, end_tone=end)
+                                                   for i in todo]
             else:
                 translator = self.next_line
                 sources = [Source(" ".join(lines[i][-1]), heads[i][k], end_tone=end) for i in todo]

@@ -7,7 +7,7 @@ import time
 from typing import Optional
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
 class Reporter:
@@ -18,7 +18,7 @@ class Reporter:
         self.quiet = quiet
         self.log_every = 10 if verbose else 100
         self.bar: Optional[Progress] = None
-        self.task = None
+        self.task: Optional[TaskID] = None
         if sys.stderr.isatty() and not quiet and not verbose:
             self.bar = Progress(
                 TextColumn("step {task.completed}"), BarColumn(), TextColumn("{task.fields[stats]}"),
@@ -35,12 +35,14 @@ class Reporter:
 
     def step(self, step: int, stats: str) -> None:
         if self.bar is not None:
+            assert self.task is not None  # added together with the bar
             self.bar.update(self.task, completed=step, stats=stats)
         elif step % self.log_every == 0:
             self.log(f"step {step} {stats}")
 
     def set_total(self, total: Optional[int]) -> None:
         if self.bar is not None:
+            assert self.task is not None  # added together with the bar
             self.bar.update(self.task, total=total)
 
     def close(self) -> None:

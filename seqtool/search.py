@@ -8,8 +8,9 @@ mask each step's scores and carries their per-hypothesis state along with its ow
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -42,7 +43,7 @@ class Rows:
     tokens: torch.Tensor  # (rows, t) the tokens so far
     coverage: Optional[torch.Tensor] = None  # (rows, S) attention received by each source position
 
-    def select(self, index: Optional[torch.Tensor], tokens: torch.Tensor) -> "Rows":
+    def select(self, index: Optional[torch.Tensor], tokens: torch.Tensor) -> Rows:
         """Row r of the result continues row `index[r]` (None: every row, in order) with `tokens[r]`."""
         if index is None:
             index, state, sents, coverage = None, self.state, self.sents, self.coverage

@@ -20,7 +20,7 @@ import socket
 import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from typing import Optional, Union
+from typing import Optional, Union, cast
 
 from seqtool.errors import SeqtoolError, one_line
 from seqtool.poem import MAX_CHARS, Poet
@@ -30,6 +30,7 @@ try:
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
+    from fastapi.routing import APIRoute
     from pydantic import BaseModel, ConfigDict, Field, ValidationError
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
@@ -127,7 +128,8 @@ class Batcher:
         if not jobs:
             return
         try:
-            results = await asyncio.to_thread(_translate, self.translator, [line for lines, _ in jobs for line in lines])
+            results = await asyncio.to_thread(_translate, self.translator,
+                                              [line for lines, _ in jobs for line in lines])
         except Exception as exc:
             if len(jobs) > 1:
                 for job in jobs:
@@ -260,7 +262,8 @@ def make_app(translator: Translator, card: dict, max_lines: int = 1000, max_body
     @app.post("/poem")
     async def poem(request: Request):
         if poet is None:
-            return JSONResponse({"error": "this server writes no poems: start it with --poem-first MODEL"}, status_code=404)
+            return JSONResponse({"error": "this server writes no poems: start it with --poem-first MODEL"},
+                                status_code=404)
         req = await parse(request, PoemRequest)
         if isinstance(req, JSONResponse):
             return req
@@ -294,13 +297,15 @@ def check_port(host: str, port: int) -> None:
 
 def serve(app: FastAPI, host: str, port: int, verbose: bool) -> None:
     check_port(host, port)
-    print(f"seqtool: serving on http://{host}:{port} (POST /translate, GET /health, GET /info)", file=sys.stderr,
-          flush=True)
+    routes = ", ".join(f"{method} {r.path}" for r in app.routes if isinstance(r, APIRoute)
+                       for method in sorted(cast(set[str], r.methods)))  # an APIRoute always has methods (GET)
+    print(f"seqtool: serving on http://{host}:{port} ({routes})", file=sys.stderr, flush=True)
     try:  # "" binds every interface, as 0.0.0.0 does
         addresses = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)} if host else set()
     except OSError:
         addresses = set()
-    if not addresses or not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+    # an IPv4 / IPv6 address is a str (typeshed's sockaddr also allows other families' int)
+    if not addresses or not all(ipaddress.ip_address(cast(str, a).split("%")[0]).is_loopback for a in addresses):
         print(f"seqtool: {host} is reachable from other machines: anyone who can reach it can use this model",
               file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning")

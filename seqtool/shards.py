@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import glob
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain, zip_longest
-from typing import Iterator, Sequence
 
 from seqtool.data import Examples, encode_pairs, epoch_batches, iter_lines, read_pairs
 from seqtool.errors import DataError

@@ -9,10 +9,11 @@ target tokens, the special tokens, and any token a rule forces.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ class Shortlist:
         return {"shortlist.table": self.table.int(), "shortlist.frequent": self.frequent.int()}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> Optional["Shortlist"]:
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> Optional[Shortlist]:
         table, frequent = tensors.get("shortlist.table"), tensors.get("shortlist.frequent")
         if table is None or frequent is None:
             return None
@@ -47,7 +48,8 @@ class Shortlist:
         """Whether the tensors are a table for these vocabularies (a damaged or foreign file is refused)."""
         t, f = self.table, self.frequent
         return (t.dtype == f.dtype == torch.long and t.dim() == 2 and t.size(0) == src_vocab
-                and f.dim() == 1 and bool(((t >= -1) & (t < tgt_vocab)).all()) and bool(((f >= 0) & (f < tgt_vocab)).all()))
+                and f.dim() == 1 and bool(((t >= -1) & (t < tgt_vocab)).all())
+                and bool(((f >= 0) & (f < tgt_vocab)).all()))
 
     def ids(self, sources: Sequence[Sequence[int]], per_token: int, frequent: int, with_sources: bool,
             forced: torch.Tensor) -> torch.Tensor:
@@ -89,8 +91,8 @@ def _count_chunk(pairs: list[tuple[Sequence[int], Sequence[int]]], src_vocab: in
     tgts = [torch.tensor(sorted(set(t)), dtype=torch.long) for _, t in pairs]
     keys = torch.cat([(s.unsqueeze(1) * tgt_vocab + t.unsqueeze(0)).flatten() for s, t in zip(srcs, tgts)])
     tokens = torch.tensor([i for _, t in pairs for i in t], dtype=torch.long)
-    return (keys, torch.bincount(torch.cat(srcs), minlength=src_vocab), torch.bincount(torch.cat(tgts), minlength=tgt_vocab),
-            torch.bincount(tokens, minlength=tgt_vocab))
+    return (keys, torch.bincount(torch.cat(srcs), minlength=src_vocab),
+            torch.bincount(torch.cat(tgts), minlength=tgt_vocab), torch.bincount(tokens, minlength=tgt_vocab))
 
 
 def build_shortlist(pairs: Iterable[tuple[Sequence[int], Sequence[int]]], src_vocab: int, tgt_vocab: int,
@@ -133,10 +135,11 @@ class OutputRows:
     bias: torch.Tensor  # (V,)
 
     @classmethod
-    def of(cls, layer: nn.Module) -> "OutputRows":
+    def of(cls, layer: nn.Module) -> OutputRows:
         if isinstance(layer, torch.ao.nn.quantized.dynamic.Linear):
             return cls(layer.weight(), layer.bias())
-        return cls(layer.weight.detach(), layer.bias.detach())
+        # torch's stubs type a Module's attributes as Tensor | Module, so .detach reads as possibly not callable
+        return cls(layer.weight.detach(), layer.bias.detach())  # type: ignore[operator]
 
     @torch.no_grad()
     def restricted(self, ids: torch.Tensor) -> OutputLayer:

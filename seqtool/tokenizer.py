@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
@@ -39,7 +39,7 @@ class Tokenizer:
     word: bool = False  # tokenizer.type word: exactly one id per space-separated token
 
     @classmethod
-    def from_bytes(cls, data: bytes, word: bool = False) -> "Tokenizer":
+    def from_bytes(cls, data: bytes, word: bool = False) -> Tokenizer:
         sp = spm.SentencePieceProcessor()
         try:
             sp.LoadFromSerializedProto(data)
@@ -50,7 +50,7 @@ class Tokenizer:
         return cls(data, sp, word)
 
     @classmethod
-    def from_file(cls, path: str) -> "Tokenizer":
+    def from_file(cls, path: str) -> Tokenizer:
         try:
             with open(path, "rb") as f:
                 return cls.from_bytes(f.read())
@@ -91,7 +91,7 @@ class Tokenizer:
         together spell a separator (U+2028 is three bytes) are caught here: each such character is a space."""
         return LINE_BREAKERS.sub(" ", _unescape(self.sp.decode(ids)))
 
-    def id_pieces(self, ids: list[int]) -> list[str]:
+    def id_pieces(self, ids: Iterable[int]) -> list[str]:
         """Each id's piece as text (a literal U+2581 shown as itself, the word marker as '▁')."""
         return [_unescape(self.sp.id_to_piece(i)) for i in ids]
 
@@ -197,7 +197,8 @@ def train_tokenizer(lines: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
         need = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(exc))
         if need:
             raise DataError(f"tokenizer.vocab_size {need.group(1)} is too small: this data needs at least "
-                            f"{need.group(2)} pieces (its characters{', plus 256 byte pieces' if model_type in ('bpe', 'unigram') else ''})") from None
+                            f"{need.group(2)} pieces (its characters"
+                            f"{', plus 256 byte pieces' if model_type in ('bpe', 'unigram') else ''})") from None
         raise DataError(f"sentencepiece training failed: {str(exc).strip().splitlines()[-1]}") from None
     if failed:
         raise failed[0]

@@ -6,17 +6,31 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from itertools import chain, islice
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from types import FrameType
+from typing import Any, Optional, Union, cast
 
 import torch
 from pydantic import TypeAdapter, ValidationError
 
 from seqtool import __version__
-from seqtool.checkpoint import (MODEL_FILE, STATE_FILE, STEP_FILE, ModelBundle, TrainState, append_line, atomic_write,
-                                load_state, save_model, save_state, step_models)
+from seqtool.checkpoint import (
+    MODEL_FILE,
+    STATE_FILE,
+    STEP_FILE,
+    ModelBundle,
+    TrainState,
+    append_line,
+    atomic_write,
+    load_state,
+    save_model,
+    save_state,
+    step_models,
+)
 from seqtool.config import Config, TrainingConfig, dump_config
 from seqtool.data import Examples, encode_pairs, epoch_batches, make_batch, read_pairs
 from seqtool.device import FP32_CPU, Precision, pick_device, pick_precision, release_freed_memory
@@ -48,7 +62,7 @@ class Progress:
     last_valid: dict = field(default_factory=dict)
 
     @classmethod
-    def restored(cls, saved: dict, path: Path) -> "Progress":
+    def restored(cls, saved: dict, path: Path) -> Progress:
         """The progress record of a training state, checked field by field (a damaged file is refused)."""
         try:
             progress = TypeAdapter(cls).validate_python(saved, strict=False)
@@ -92,7 +106,8 @@ def learning_rate(cfg: TrainingConfig, progress: Progress) -> float:
 def update_plateau(cfg: TrainingConfig, progress: Progress, score: float, higher_is_better: bool) -> None:
     if cfg.schedule != "plateau":
         return
-    better = progress.plateau_best is None or (score > progress.plateau_best if higher_is_better else score < progress.plateau_best)
+    better = progress.plateau_best is None or (score > progress.plateau_best if higher_is_better
+                                               else score < progress.plateau_best)
     if better:
         progress.plateau_best, progress.plateau_bad = score, 0
     else:
@@ -116,13 +131,14 @@ def check_data_paths(cfg: Config) -> None:
     d = cfg.data
     problems = [f"data.{key} is not set" for key in ("train_src", "train_tgt") if getattr(d, key) is None]
     if not problems:
+        assert d.train_src is not None and d.train_tgt is not None  # both are set: no problem above
         try:
             pairs = shard_pairs(d.train_src, d.train_tgt)
         except DataError as exc:
             problems.append(str(exc))
         else:
-            problems += [f"data.train_{side}: file not found: {p}" for pair in pairs for side, p in zip(("src", "tgt"), pair)
-                         if not Path(p).is_file()]
+            problems += [f"data.train_{side}: file not found: {p}" for pair in pairs
+                         for side, p in zip(("src", "tgt"), pair) if not Path(p).is_file()]
     for key in ("valid_src", "valid_tgt"):
         value = getattr(d, key)
         if value is not None and not Path(value).is_file():
@@ -170,9 +186,9 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signal: Optional[str] = None
-        self._old = {}
+        self._old: dict[int, Union[Callable[[int, Optional[FrameType]], Any], int, None]] = {}  # previous handlers
 
-    def __enter__(self) -> "StopFlag":
+    def __enter__(self) -> StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, self._handle)
         return self
@@ -207,7 +223,8 @@ class Trainer:
         # Several processes: DDP averages the gradients; the plain model still validates and is saved.
         gpu = [self.precision.device] if self.precision.device.type == "cuda" else None
         self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=gpu) if self.ranks.parallel else model
-        self.train_pairs = len(self.train) if isinstance(self.train, Examples) else None  # streamed: known after an epoch
+        # streamed: known after an epoch
+        self.train_pairs = len(self.train) if isinstance(self.train, Examples) else None
         self.counts = Counts()
 
     def epoch_batches(self, epoch: int) -> tuple[Iterator[Examples], Optional[int]]:
@@ -244,6 +261,7 @@ class Trainer:
             "seqtool_version": __version__, "step": p.step, "epoch": p.epoch, "elapsed_s": round(p.elapsed_s, 1),
             "train_pairs": self.train_pairs, "train_src": self.cfg.data.train_src, "train_tgt": self.cfg.data.train_tgt,
             "params": sum(t.numel() for t in self.bundle.model.parameters()),
+            "precision": f"{self.precision.name} ({self.precision.why})",
             "best": {self.cfg.training.keep_best_by: p.best, "step": p.best_step}, "last_valid": p.last_valid,
         }
 
@@ -274,9 +292,11 @@ class Trainer:
             n = t.valid_max_sentences or len(self.valid_src)
             # Greedy over the whole vocabulary: the dev score measures the model, not the decoding shortcuts.
             decoding = self.cfg.decoding.model_copy(update={"beam_size": 1, "nbest": 1, "shortlist": 0})
-            translator = Translator(model, self.bundle.src_tok, self.bundle.tgt_tok, decoding, self.cfg.data.truncate_src)
+            translator = Translator(model, self.bundle.src_tok, self.bundle.tgt_tok, decoding,
+                                    self.cfg.data.truncate_src)
             hyps = [tr.text for tr in translator.translate(self.valid_src[:n])]
-            record.update(valid_loss=round(loss, 4), valid_ppl=round(ppl, 2), valid_bleu=round(bleu(hyps, self.valid_ref[:n]), 2))
+            record.update(valid_loss=round(loss, 4), valid_ppl=round(ppl, 2),
+                          valid_bleu=round(bleu(hyps, self.valid_ref[:n]), 2))
             if t.keep_best_by == "rouge":
                 record["valid_rouge"] = round(rouge_mean(hyps, self.valid_ref[:n]), 2)
             score = loss if t.keep_best_by == "loss" else record[f"valid_{t.keep_best_by}"]
@@ -355,8 +375,8 @@ class Trainer:
                     p.step += 1
                     p.batch_in_epoch += 1
                     # The slowest rank's clock and any rank's signal decide for all, so all stop together.
-                    signalled, p.elapsed_s = all_reduce([float(bool(stop.signal)), time.monotonic() - start], self.ranks,
-                                                       "max")
+                    signalled, p.elapsed_s = all_reduce([float(bool(stop.signal)), time.monotonic() - start],
+                                                        self.ranks, "max")
                     if signalled and not stop.signal:
                         stop.signal = "a signal to another rank"
                     dt = max(time.monotonic() - window["t0"], 1e-9)
@@ -366,7 +386,7 @@ class Trainer:
                     if p.step % t.valid_every == 0:
                         last_rates = (sent_s, tok_s)
                         train_loss = window["loss"] / max(window["tokens"], 1)
-                        improved = self._on_main(lambda: self.validate(train_loss, sent_s, tok_s))
+                        improved = self._on_main(partial(self.validate, train_loss, sent_s, tok_s))
                         window = {"loss": 0.0, "tokens": 0, "sents": 0, "t0": time.monotonic()}
                         p.elapsed_s = time.monotonic() - start  # validation time counts against max_minutes
                         if not improved and t.patience and p.bad_validations >= t.patience:
@@ -456,6 +476,7 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
         torch.set_num_threads(cfg.training.threads)
 
     d = cfg.data
+    assert d.train_src is not None and d.train_tgt is not None  # check_before_start checked them
     shards = shard_pairs(d.train_src, d.train_tgt)
     # In memory, the files are read (and checked) before anything else; streamed, they are read when used.
     src_lines, tgt_lines = (side_lines(shards, 0), side_lines(shards, 1)) if d.stream else read_shards(shards)
@@ -474,8 +495,9 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
                             d.shuffle_buffer)
         reporter.log(f"streaming training pairs from {len(shards)} file pair(s), shuffle buffer {d.shuffle_buffer:,}")
     else:
-        train = encode_pairs(src_lines, tgt_lines, bundle.src_tok, bundle.tgt_tok, d.max_src_len, d.max_tgt_len,
-                             d.truncate_src)
+        # not streamed: read_shards read both sides into lists
+        train = encode_pairs(cast(list[str], src_lines), cast(list[str], tgt_lines), bundle.src_tok, bundle.tgt_tok,
+                             d.max_src_len, d.max_tgt_len, d.truncate_src)
         del src_lines, tgt_lines
         reporter.log(f"{len(train)} training pairs ({train.dropped_long} over the length limits and "
                      f"{train.dropped_empty} with an empty side dropped)")
@@ -485,12 +507,17 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
         start = time.time()
         pairs = train.pairs() if isinstance(train, ShardStream) else zip(train.src, train.tgt)
         bundle.shortlist = build_shortlist(pairs, bundle.src_tok.vocab_size, bundle.tgt_tok.vocab_size)
-        reporter.log(f"shortlist table (decoding.shortlist) from up to {MAX_PAIRS:,} pairs in {time.time() - start:.1f} s")
+        reporter.log(f"shortlist table (decoding.shortlist) from up to {MAX_PAIRS:,} pairs in "
+                     f"{time.time() - start:.1f} s")
         release_freed_memory()
+    valid_src: list[str]
+    valid_ref: list[str]
     valid, valid_src, valid_ref = None, [], []
     if cfg.data.valid_src:
+        assert cfg.data.valid_tgt is not None  # check_before_start: given together
         valid_src, valid_ref = read_pairs(cfg.data.valid_src, cfg.data.valid_tgt)
-        valid = encode_pairs(valid_src, valid_ref, bundle.src_tok, bundle.tgt_tok, 1 << 30, 1 << 30, cfg.data.truncate_src)
+        valid = encode_pairs(valid_src, valid_ref, bundle.src_tok, bundle.tgt_tok, 1 << 30, 1 << 30,
+                             cfg.data.truncate_src)
     main_does(lambda: atomic_write(model_dir / "config.yaml", dump_config(cfg).encode("utf-8")), ranks)
     params = sum(t.numel() for t in bundle.model.parameters())
     reporter.log(f"model: {cfg.model.cell} {cfg.model.context}, {params:,} parameters, vocab "
@@ -507,8 +534,8 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
             if saved.scaler:
                 trainer.scaler.load_state_dict(saved.scaler)
             else:
-                reporter.log("the saved state has no loss scale (it trained without fp16, or an older seqtool saved it): "
-                             "fp16 loss scaling starts afresh")
+                reporter.log("the saved state has no loss scale (it trained without fp16, or an older seqtool saved "
+                             "it): fp16 loss scaling starts afresh")
         reporter.log(f"resuming at step {progress.step} (epoch {progress.epoch})")
     if ranks.parallel:  # the same weights everywhere (DDP checked), but different dropout masks per rank
         torch.manual_seed(cfg.training.seed + 1000 * ranks.rank + progress.step)
@@ -529,7 +556,7 @@ def run_training(cfg: Config, resume: bool = False, quiet: bool = False, verbose
                      f"{'nccl' if device.type == 'cuda' else 'gloo'})")
     try:
         trainer = prepare(cfg, reporter, resume, ranks, precision)
-        reporter.log(f"training on {precision.device} in {precision.name}")
+        reporter.log(f"training on {precision.device} in {precision.name} ({precision.why})")
         reason = trainer.run()
     finally:
         reporter.close()

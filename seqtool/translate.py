@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import queue
 import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Optional, TextIO
+from typing import Any, Optional, TextIO, cast
 
 import torch
 
@@ -104,6 +105,7 @@ def attention_weights(model: Seq2Seq, src: list[int], tokens: list[int]) -> list
     rows = []
     for t in range(batch.tgt_in.size(1)):
         _, state, weights = model.step(batch.tgt_in[:, t], state)
+        assert weights is not None  # Translator rejects with_attention for models without context attention
         rows.append([round(w, 4) for w in weights[0, : len(src)].tolist()])
     return rows
 
@@ -123,15 +125,17 @@ class Translator:
     avoid: tuple[str, ...] = ()  # phrases no line's output holds, besides each line's own
     drop_prefix: bool = False  # outputs without their prefix
     _output_rows: Optional[OutputRows] = field(default=None, init=False)  # the output layer, for shortlists
-    _spelled: dict = field(default_factory=dict, init=False)  # phrase to avoid -> its spellings (--avoid-file: every line)
-    _tones: Optional[tuple[int, ...]] = field(default=None, init=False)  # each target token's tone, once asked
+    # phrase to avoid -> its spellings (--avoid-file: every line)
+    _spelled: dict = field(default_factory=dict, init=False)
+    _vocabs: dict = field(default_factory=dict, init=False)  # with tones or not -> the rules' Vocab, built once
 
     def __post_init__(self) -> None:
         if self.with_attention and self.model.decoder.mode != "attention":
-            raise SeqtoolError(f"attention weights need a model with context 'attention', not '{self.model.decoder.mode}'")
+            raise SeqtoolError("attention weights need a model with context 'attention', "
+                               f"not '{self.model.decoder.mode}'")
         if self.decoding.shortlist and self.shortlist is None:
-            raise SeqtoolError("decoding.shortlist: this model file has no shortlist table (trained by an older seqtool); "
-                               "decode without --shortlist, or train it again")
+            raise SeqtoolError("decoding.shortlist: this model file has no shortlist table "
+                               "(trained by an older seqtool); decode without --shortlist, or train it again")
         if self.decoding.shortlist:
             self._output_rows = OutputRows.of(self.model.output)
 
@@ -168,7 +172,8 @@ class Translator:
                                 "cannot be copied in place (the training data may write it another way, as ， for ,)")
         mirror, echo, tones = (couplet_controls(chars, len(positions), d, source.end_tone, len(prefix)) if positions
                                else (None,) * 3)
-        spec = LineSpec(len(ids), positions, prefix, tuple(self._target(p, "a constraint", lineno) for p in source.constraints),
+        spec = LineSpec(len(ids), positions, prefix,
+                        tuple(self._target(p, "a constraint", lineno) for p in source.constraints),
                         tuple(spelled for p in (*source.avoid, *self.avoid)
                               for spelled in self._spellings(p, "an avoided phrase", lineno)),
                         mirror, tuple(self._target_id(c) for c in echo) if echo else None, tones)
@@ -211,14 +216,16 @@ class Translator:
         return list(self.tgt_tok.punctuation.values()) if self.decoding.copy_punctuation else []
 
     def _vocab(self, *specs: LineSpec) -> Vocab:
-        """The target vocabulary as the rules of these lines need it (tones only where one is asked)."""
-        tok = self.tgt_tok
-        tones = ()
-        if any(spec.tones for spec in specs):
-            if self._tones is None:
-                self._tones = tuple(tone(piece.removeprefix("\u2581")) for piece in tok.id_pieces(range(tok.vocab_size)))
-            tones = self._tones
-        return Vocab(tok.vocab_size, tuple(tok.unsafe_ids), tuple(self._free_banned), tuple(tok.glue_ids), tones)
+        """The target vocabulary as the rules of these lines need it (tones only where one is asked); built once
+        per kind, as every batch asks for it."""
+        with_tones = any(spec.tones for spec in specs)
+        if with_tones not in self._vocabs:
+            tok = self.tgt_tok
+            tones = (tuple(tone(piece.removeprefix("\u2581")) for piece in tok.id_pieces(range(tok.vocab_size)))
+                     if with_tones else ())
+            self._vocabs[with_tones] = Vocab(tok.vocab_size, tuple(tok.unsafe_ids), tuple(self._free_banned),
+                                             tuple(tok.glue_ids), tones)
+        return self._vocabs[with_tones]
 
     def search(self, lines: list[Prepared]) -> list[list[Hypothesis]]:
         """Decode a batch of prepared lines."""
@@ -245,7 +252,7 @@ class Translator:
                                         forced).to(self.model.device)
         return BatchVocab(target_ids, self._output_rows.restricted(target_ids))
 
-    def translate(self, lines: list[str | Source], first_lineno: int = 1) -> list[Translation]:
+    def translate(self, lines: Sequence[str | Source], first_lineno: int = 1) -> list[Translation]:
         """Translate lines in any order of length; the result has one entry per line, in order."""
         return self.run([self.prepare(line, first_lineno + i) for i, line in enumerate(lines)], first_lineno)
 
@@ -277,7 +284,8 @@ class Translator:
 PATIENCE = 0.05  # seconds a chunk waits for its next line: far longer than reading one, short for a person
 
 
-def read_ahead(lines: Iterable[str], max_chunk: int, patience: float = PATIENCE) -> Iterator[list[str]]:
+def read_ahead(lines: Iterable[str | Source], max_chunk: int,
+               patience: float = PATIENCE) -> Iterator[list[str | Source]]:
     """Group lines into chunks of at most `max_chunk`, never waiting long for input that is not coming.
 
     A reader thread pulls lines into a bounded queue; a chunk ends when it is full or when no further
@@ -301,14 +309,14 @@ def read_ahead(lines: Iterable[str], max_chunk: int, patience: float = PATIENCE)
     threading.Thread(target=pump, daemon=True).start()
     while True:
         item = q.get()
-        chunk: list[str] = []
+        chunk: list[str | Source] = []
         while True:
             if item is done or isinstance(item, BaseException):
                 if chunk:
                     yield chunk
                 if item is done:
                     return
-                raise item
+                raise cast(BaseException, item)  # not done: the exception pump() put
             chunk.append(item)
             if len(chunk) >= max_chunk:
                 break
@@ -321,8 +329,8 @@ def read_ahead(lines: Iterable[str], max_chunk: int, patience: float = PATIENCE)
 
 def translation_record(t: Translation) -> dict:
     """The JSON form: text, n-best with scores, pieces, and attention weights when computed."""
-    record = {"text": t.text, "nbest": [{"text": s, "score": round(sc, 4)} for s, sc in t.hypotheses],
-              "src_pieces": t.src_pieces, "pieces": t.pieces}
+    record: dict[str, Any] = {"text": t.text, "nbest": [{"text": s, "score": round(sc, 4)} for s, sc in t.hypotheses],
+                              "src_pieces": t.src_pieces, "pieces": t.pieces}
     if t.attention is not None:
         record["attention"] = t.attention
     return record

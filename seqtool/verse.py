@@ -6,7 +6,8 @@ for one line, what they ask at each position of the exact-length output.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional, cast
 
 from seqtool.config import DecodingConfig
 from seqtool.hanzi import NONE, is_punct, opposite, repetition_pattern, tone
@@ -23,10 +24,11 @@ def couplet_controls(chars: Optional[Sequence[str]], length: int, d: DecodingCon
     `fixed` positions are the user's choice (a prefix): no echo ban or tone rule asks anything of them,
     nor of the positions that must repeat them; but an asked `end_tone` (a poem's) is the user's choice
     too, so there the last position need not repeat a prefix position (a head can have the wrong tone)."""
+    pattern: Optional[list[int]]
     if chars is None:
         pattern, content, want = None, list(range(length)), end_tone
     else:
-        pattern = [-1 if is_punct(c) else p for c, p in zip(chars, repetition_pattern(list(chars)))]
+        pattern = [-1 if is_punct(c) else cast(int, p) for c, p in zip(chars, repetition_pattern(list(chars)))]
         content = [i for i, p in enumerate(pattern) if p >= 0]
         want = end_tone
         if want == NONE and d.final_tone and content:

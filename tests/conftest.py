@@ -33,8 +33,9 @@ def run_cli(*args: str, input: str | bytes | None = None, cwd: Path | None = Non
 
     In this process by default (`seqtool.cli.main` with its own argv, stdin, stdout, stderr, working
     directory and exit code): importing torch once instead of for every call saves minutes of the suite.
-    A fresh interpreter (`python -m seqtool`) where `env` adds variables (read at start-up: colours, locale, SEQTOOL_TRACEBACK) and for --nproc (its worker
-    processes write to the process's own stderr, and torch's launcher keeps signal handlers)."""
+    A fresh interpreter (`python -m seqtool`) where `env` adds variables (read at start-up: colours, locale,
+    SEQTOOL_TRACEBACK) and for --nproc (its worker processes write to the process's own stderr, and torch's
+    launcher keeps signal handlers)."""
     if env or "--nproc" in args:
         text = not isinstance(input, bytes)
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
@@ -104,7 +105,8 @@ def tiny_config(model_dir: Path, **sections) -> dict:
         "tokenizer": {"type": "bpe", "vocab_size": 600},
         "model": {"embedding_size": 32, "encoder_hidden_size": 32, "hidden_size": 32, "dropout": 0.1},
         "training": {"model_dir": str(model_dir), "batch_tokens": 1500, "lr": 0.003, "max_steps": 700,
-                     "valid_every": 350, "valid_max_sentences": 200},
+                     "valid_every": 350, "valid_max_sentences": 200,
+                     "precision": "fp32"},  # the same arithmetic on every CPU; test_device checks what auto picks
         "decoding": {"beam_size": 5, "shortlist": 5},  # the shortlist path runs in every end-to-end test
     }
     for section, values in sections.items():

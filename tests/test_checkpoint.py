@@ -65,7 +65,8 @@ def test_missing_truncated_random(bundle, tmp_path):
 def test_foreign_safetensors_and_other_version(tmp_path):
     (tmp_path / "foreign").write_bytes(st_save({"w": torch.zeros(2)}))
     _expect_error(tmp_path / "foreign", "not a seqtool model")
-    (tmp_path / "v99").write_bytes(st_save({"w": torch.zeros(2)}, metadata={"format": "seqtool-model", "format_version": "99"}))
+    (tmp_path / "v99").write_bytes(st_save({"w": torch.zeros(2)},
+                                           metadata={"format": "seqtool-model", "format_version": "99"}))
     _expect_error(tmp_path / "v99", "format version 99")
     (tmp_path / "badcfg").write_bytes(st_save({"w": torch.zeros(2)}, metadata={
         "format": "seqtool-model", "format_version": "1", "config": json.dumps({"model": {"cell": "x"}})}))
@@ -155,12 +156,12 @@ def test_damaged_training_states_are_one_error(tmp_path):
                                                                  "valid_max_sentences": 5})), quiet=True)
     good = (tmp_path / "m" / STATE_FILE).read_bytes()
     slot = next(n for n in __import__("safetensors.torch", fromlist=["load"]).load(good) if n.startswith("optim."))
-    cases = [({}, {slot: "optim.5"}), ({}, {slot: "optim.\u00b2.exp_avg"}), ({"scaler": json.dumps({"scale": 2.0})}, {}),
-             ({"progress": json.dumps({"step": -3})}, {})]
+    cases = [({}, {slot: "optim.5"}), ({}, {slot: "optim.\u00b2.exp_avg"}),
+             ({"scaler": json.dumps({"scale": 2.0})}, {}), ({"progress": json.dumps({"step": -3})}, {})]
     for meta_update, rename in cases:
         path = tmp_path / "state.safetensors"
         path.write_bytes(good)
-        _resaved(path, lambda meta: meta.update(meta_update), rename)
+        _resaved(path, lambda meta, meta_update=meta_update: meta.update(meta_update), rename)
         with pytest.raises(ModelFileError, match="damaged training state"):
             state = load_state(path)
             from seqtool.train import Progress

@@ -78,7 +78,8 @@ def test_translate_output_file_and_json(trained_model, tmp_path):
     run_cli("translate", "-m", str(trained_model / "model.safetensors"), "-o", str(out), "--beam", "3",
             input="zuza\n\n", check=True)
     assert len(out.read_text().split("\n")) == 3
-    proc = run_cli("translate", "-m", str(trained_model), "--format", "json", "--nbest", "3", input="a b\n\n", check=True)
+    proc = run_cli("translate", "-m", str(trained_model), "--format", "json", "--nbest", "3", input="a b\n\n",
+                   check=True)
     import json
     first, second = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(first["nbest"]) == 3 and first["text"] == first["nbest"][0]["text"]
@@ -134,7 +135,8 @@ def test_train_without_a_config(tmp_path):
     assert (tmp_path / "run" / "model.safetensors").is_file()
     written = (tmp_path / "run" / "config.yaml").read_text()
     assert str(src) in written and "hidden_size: 16" in written
-    assert run_cli("translate", "-m", str(tmp_path / "run"), "-b", "1", input="zuza\n", check=True).stdout.count("\n") == 1
+    assert run_cli("translate", "-m", str(tmp_path / "run"), "-b", "1", input="zuza\n",
+                   check=True).stdout.count("\n") == 1
 
 
 def test_verbose_and_quiet(tmp_path, trained_model):
@@ -142,8 +144,8 @@ def test_verbose_and_quiet(tmp_path, trained_model):
     src.write_text("".join(line + "\n" for line in (SAMPLE / "train.src").read_text().splitlines()[:200]))
     tgt.write_text("".join(line + "\n" for line in (SAMPLE / "train.tgt").read_text().splitlines()[:200]))
     proc = run_cli("train", "--src", str(src), "--tgt", str(tgt), "-o", str(tmp_path / "run"), "-v",
-                   "--set", "training.max_steps=20", "--set", "model.hidden_size=16", "--set", "tokenizer.vocab_size=400",
-                   check=True)
+                   "--set", "training.max_steps=20", "--set", "model.hidden_size=16",
+                   "--set", "tokenizer.vocab_size=400", check=True)
     assert "config:\n" in proc.stderr and "  hidden_size: 16" in proc.stderr
     assert re.search(r"^step 10 ", proc.stderr, re.M) and re.search(r"^step 20 ", proc.stderr, re.M)
     proc = run_cli("translate", "-m", str(trained_model), "-v", input="zuza\n", check=True)

@@ -80,7 +80,8 @@ def test_translate_output_file_not_half_written_and_finished_lines_kept(trained_
     bad.write_bytes(b"zuza.\nzobo zuza.\n\xff\n")
     out = tmp_path / "out.txt"
     proc = run_cli("translate", "-m", str(trained_model), str(bad), "-o", str(out), "-b", "1")
-    assert_one_line_error(proc, f"bad.txt:3: invalid UTF-8 at byte 1 (the 2 lines translated before it are in {out}.partial)")
+    assert_one_line_error(proc, "bad.txt:3: invalid UTF-8 at byte 1 "
+                                f"(the 2 lines translated before it are in {out}.partial)")
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["bad.txt", "out.txt.partial"]
     alone = run_cli("translate", "-m", str(trained_model), "-b", "1", input="zuza.\nzobo zuza.\n", check=True)
     assert (tmp_path / "out.txt.partial").read_text() == alone.stdout
@@ -98,7 +99,8 @@ def test_write_errors_on_stdout_are_one_line(trained_model):
     """A full disk behind stdout (/dev/full): one line, exit 1, no traceback, nothing at exit either."""
     with open("/dev/full", "w") as full:
         proc = subprocess.run([sys.executable, "-m", "seqtool", "translate", "-m", str(trained_model), "-b", "1"],
-                              input="zuza.\n" * 50, stdout=full, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=300)
+                              input="zuza.\n" * 50, stdout=full, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              timeout=300)
     assert proc.returncode == 1 and proc.stderr == "seqtool: error: No space left on device\n", proc.stderr
 
 
@@ -198,9 +200,8 @@ def test_an_error_is_one_line_whatever_the_file_name_or_the_file_holds(trained_m
 def test_a_bug_is_one_line_with_its_own_exit_code(trained_model, monkeypatch):
     """An exception that is not a user error (a seqtool bug) is one line and exit 70; SEQTOOL_TRACEBACK=1
     shows the traceback to whoever debugs it."""
-    from test_fuzz import run_main
-
     import seqtool.checkpoint
+    from test_fuzz import run_main
 
     def broken(*args):
         raise RuntimeError("model card\nexploded")

@@ -17,9 +17,11 @@ def test_unknown_key_named_with_suggestion():
 
 def test_unknown_section_and_several_errors_reported_together():
     with pytest.raises(ConfigError) as exc:
-        validate({"modle": {}, "model": {"dropout": 1.5}, "decoding": {"beam_size": 0}, "tokenizer": {"vocab_size": -1}})
+        validate({"modle": {}, "model": {"dropout": 1.5}, "decoding": {"beam_size": 0},
+                  "tokenizer": {"vocab_size": -1}})
     msg = str(exc.value)
-    for part in ("unknown key modle; did you mean model?", "model.dropout", "decoding.beam_size", "tokenizer.vocab_size"):
+    for part in ("unknown key modle; did you mean model?", "model.dropout", "decoding.beam_size",
+                 "tokenizer.vocab_size"):
         assert part in msg
 
 
@@ -95,4 +97,5 @@ def test_model_combinations_rejected_at_load_all_at_once():
     with pytest.raises(ConfigError) as exc:  # two cross-section problems at once
         validate({"decoding": {"copy_punctuation": True, "exact_length": True}, "tokenizer": {"joint": False},
                   "model": {"copy_source": True}})
-    assert "exact_length needs tokenizer.type word" in str(exc.value) and "copy_source needs tokenizer.joint" in str(exc.value)
+    assert ("exact_length needs tokenizer.type word" in str(exc.value)
+            and "copy_source needs tokenizer.joint" in str(exc.value))

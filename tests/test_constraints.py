@@ -17,8 +17,10 @@ from test_search import PUNCT, V, model_for, models, rules_for
 # Prefix and included phrases draw from one half of the vocabulary and avoided phrases from the other: an
 # avoided phrase can then never end where a required one must begin (see docs/constraints.md).
 WANTED, UNWANTED = (7, 22), (23, V - 1)
-phrases = lambda lo_hi, most: st.lists(st.lists(st.integers(*lo_hi), min_size=1, max_size=3).map(tuple),
-                                       max_size=most)
+
+
+def phrases(lo_hi, most):
+    return st.lists(st.lists(st.integers(*lo_hi), min_size=1, max_size=3).map(tuple), max_size=most)
 
 
 @st.composite
@@ -39,9 +41,9 @@ def satisfied(hyp_tokens, prefix, include, avoid) -> bool:
 
 
 def search_with(kind, k):
-    return {"greedy": lambda m, s, l, r: greedy(m, s, l, r),
-            "sample": lambda m, s, l, r: greedy(m, s, l, r, pick=sampler(1.0, seed=7)),
-            "beam": lambda m, s, l, r: beam_search(m, s, l, r, k, alpha=1.0, nbest=k)}[kind]
+    return {"greedy": lambda m, s, lens, r: greedy(m, s, lens, r),
+            "sample": lambda m, s, lens, r: greedy(m, s, lens, r, pick=sampler(1.0, seed=7)),
+            "beam": lambda m, s, lens, r: beam_search(m, s, lens, r, k, alpha=1.0, nbest=k)}[kind]
 
 
 def decode(kind, k, srcs, which, lines, **decoding):
@@ -58,7 +60,8 @@ def specs(srcs, lines, forced=None):
 
 
 @settings(max_examples=60, deadline=None)
-@given(controlled(), models, st.sampled_from(["greedy", "sample", "beam"]), st.integers(1, 4), st.sampled_from([0, 2, 3]))
+@given(controlled(), models, st.sampled_from(["greedy", "sample", "beam"]), st.integers(1, 4),
+       st.sampled_from([0, 2, 3]))
 def test_every_output_meets_every_constraint(data, which, kind, k, ngram):
     srcs, lines = data
     d = DecodingConfig(max_len_a=1.5, max_len_b=4, no_repeat_ngram=ngram)
@@ -245,7 +248,8 @@ def test_cli_controls_are_all_met_and_natural_ones_keep_bleu(trained_model):
 def test_cli_prefix_flag_drop_prefix_and_avoid_file(trained_model, tmp_path):
     src = "\n".join((SAMPLE / "test.src").read_text().splitlines()[:8]) + "\n"
     plain = run_cli("translate", "-m", str(trained_model), "-q", input=src, check=True).stdout.splitlines()
-    kept = run_cli("translate", "-m", str(trained_model), "-q", "--prefix", "govo Zoti", input=src, check=True).stdout.splitlines()
+    kept = run_cli("translate", "-m", str(trained_model), "-q", "--prefix", "govo Zoti", input=src,
+                   check=True).stdout.splitlines()
     dropped = run_cli("translate", "-m", str(trained_model), "-q", "--prefix", "govo Zoti", "--drop-prefix", input=src,
                       check=True).stdout.splitlines()
     assert all(k.startswith("govo Zoti ") for k in kept) and kept != plain
@@ -255,7 +259,8 @@ def test_cli_prefix_flag_drop_prefix_and_avoid_file(trained_model, tmp_path):
     assert dropped == [k[len("govo Zoti "):] for k in kept]
     avoid = tmp_path / "avoid.txt"
     avoid.write_text("voba\n\ngovo\n")
-    free = run_cli("translate", "-m", str(trained_model), "-q", "--avoid-file", str(avoid), input=src, check=True).stdout
+    free = run_cli("translate", "-m", str(trained_model), "-q", "--avoid-file", str(avoid), input=src,
+                   check=True).stdout
     assert len(free.splitlines()) == 8 and not any(has_words(free, w) for w in ("voba", "govo"))
     assert {"voba", "govo"} & set(" ".join(plain).split())  # they were there to avoid
 
@@ -271,7 +276,8 @@ def test_cli_prefix_flag_drop_prefix_and_avoid_file(trained_model, tmp_path):
     ('{"text": "seliti", "prefix": "a\\u0007b"}\n', "line 1: the prefix 'a\\x07b' holds a control character"),
     ('{"text": "seliti", "constraints": ["voba ' + 'govo ' * 30 + '"]}\n', "more than decoding.max_len 20"),
 ])
-def test_cli_controls_that_cannot_be_met_are_one_line_and_earlier_lines_are_kept(trained_model, tmp_path, stdin, message):
+def test_cli_controls_that_cannot_be_met_are_one_line_and_earlier_lines_are_kept(trained_model, tmp_path, stdin,
+                                                                                 message):
     from test_cli_errors import assert_one_line_error
 
     out = tmp_path / "out.txt"
@@ -280,7 +286,8 @@ def test_cli_controls_that_cannot_be_met_are_one_line_and_earlier_lines_are_kept
     assert_one_line_error(proc, message)
     good = stdin.count('{"text": "seliti roma"}')
     if good:
-        assert "translated before it are in" in proc.stderr and len(out.with_name("out.txt.partial").read_text().splitlines()) == good
+        assert ("translated before it are in" in proc.stderr
+                and len(out.with_name("out.txt.partial").read_text().splitlines()) == good)
 
 
 @pytest.fixture(scope="module")

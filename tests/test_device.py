@@ -4,12 +4,13 @@ mixed-precision training paths (autocast, fp16 loss scaling) run for real on the
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import seqtool.device as device_mod
-from conftest import SAMPLE, bleu_per_flags, read_metrics, run_cli, tiny_config, write_config
+from conftest import LEARNS, SAMPLE, bleu_per_flags, read_metrics, run_cli, tiny_config, write_config
 from seqtool.config import validate
 from seqtool.device import Precision, pick_device, pick_precision
 from seqtool.errors import ConfigError
@@ -41,16 +42,41 @@ def test_device_names_are_checked_and_cpu_gives_the_same_output(tmp_path, traine
     assert pick_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def test_precision_is_chosen_from_the_hardware(monkeypatch):
-    assert pick_precision(CPU, "auto").name == "fp32"
-    assert pick_precision(CPU, "fp32").name == "fp32"
+@pytest.mark.parametrize("flags,picked", [({"avx2"}, None), ({"avx2", "avx512f", "avx512_bf16"}, "avx512_bf16"),
+                                          ({"avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}, "amx_bf16"),
+                                          (set(), None)],
+                         ids=["avx2-only", "zen4", "amx", "unreadable"])
+def test_precision_is_chosen_from_the_cpu_flags(monkeypatch, flags, picked):
+    monkeypatch.setattr(device_mod, "cpu_flags", lambda: frozenset(flags))
+    auto = pick_precision(CPU, "auto")
+    assert pick_precision(CPU, "fp32") == Precision(CPU)
     with pytest.raises(ConfigError, match="fp16 is for CUDA"):
         pick_precision(CPU, "fp16")
-    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: False)
-    with pytest.raises(ConfigError, match="no native bf16"):
-        pick_precision(CPU, "bf16")
-    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: True)
-    assert pick_precision(CPU, "bf16") == Precision(CPU, torch.bfloat16)
+    if picked is None:  # never bf16 without native bf16: there it is 20-50x slower
+        assert auto == Precision(CPU) and auto.why == "auto: this CPU has no native bf16 (no amx_bf16 or avx512_bf16)"
+        with pytest.raises(ConfigError, match="no native bf16"):
+            pick_precision(CPU, "bf16")
+    else:
+        assert auto == Precision(CPU, torch.bfloat16) and auto.why == f"auto: this CPU has {picked}"
+        assert pick_precision(CPU, "bf16") == Precision(CPU, torch.bfloat16)
+
+
+def test_cpu_flags_are_read_not_assumed():
+    flags = device_mod.cpu_flags()
+    assert isinstance(flags, frozenset) and all(f == f.strip() and f for f in flags)
+    if Path("/proc/cpuinfo").exists():
+        assert flags, "a Linux CPU lists its flags"
+
+
+@pytest.mark.skipif(device_mod.cpu_bf16_flag() is None, reason="this CPU has no native bf16: auto trains in fp32, "
+                    "as every other test does")
+def test_the_precision_auto_picks_learns_the_sample_task(tmp_path):
+    cfg = tiny_config(tmp_path / "m", **LEARNS)
+    cfg["training"]["precision"] = "auto"
+    proc = run_cli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg)), check=True)
+    assert f"in bf16 (auto: this CPU has {device_mod.cpu_bf16_flag()})" in proc.stderr
+    assert "bf16" in run_cli("info", str(tmp_path / "m"), check=True).stdout
+    assert bleu_per_flags(tmp_path / "m", tmp_path, [[]], n=200)[""] >= 95
 
 
 @pytest.mark.parametrize("dtype,scaled", [(torch.bfloat16, False), (torch.float16, True)], ids=["bf16", "fp16-scaled"])
@@ -86,7 +112,8 @@ def test_int8_covers_the_recurrent_and_linear_layers_but_not_single_output_ones(
     from seqtool.model.seq2seq import build_model
 
     dynamic = torch.ao.nn.quantized.dynamic
-    q = int8_dynamic(build_model(ModelConfig(embedding_size=8, encoder_hidden_size=8, hidden_size=16, copy_source=True), 20, 20))
+    q = int8_dynamic(build_model(ModelConfig(embedding_size=8, encoder_hidden_size=8, hidden_size=16, copy_source=True),
+                                 20, 20))
     for layer in (q.encoder.rnn, q.decoder.rnn, q.decoder.bridge, q.decoder.attention.query_proj, q.output):
         assert isinstance(layer, (dynamic.Linear, dynamic.GRU)), layer
     for layer in (q.decoder.attention.v, q.copy_gate):  # a dot product: quantizing its input would cost more

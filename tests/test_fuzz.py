@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import run_cli
-from seqtool.config import Config
 from seqtool.checkpoint import load_state
+from seqtool.config import Config
 from seqtool.data import make_batch
 from seqtool.errors import ModelFileError
 from seqtool.train import Progress, make_optimizer, restore_rng
@@ -52,13 +52,15 @@ def _write(folder: str, name: str, data: bytes) -> str:
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),
                     st.text(max_size=20))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+values = st.recursive(scalars, lambda inner: (st.lists(inner, max_size=3)
+                                              | st.dictionaries(st.text(max_size=8), inner, max_size=3)),
                       max_leaves=6)
 key_names = st.sampled_from(KEYS) | st.text(min_size=1, max_size=12).map(lambda k: f"model.{k}")
 configs = st.dictionaries(key_names, values, max_size=6).map(
     lambda flat: {s: {k.split(".", 1)[1]: v for k, v in flat.items() if k.split(".", 1)[0] == s} for s in SECTIONS})
 config_texts = st.one_of(configs.map(lambda c: yaml.safe_dump(c).encode()), st.binary(max_size=200),
-                         st.dictionaries(st.text(max_size=8), values, max_size=4).map(lambda c: yaml.safe_dump(c).encode()))
+                         st.dictionaries(st.text(max_size=8), values,
+                                         max_size=4).map(lambda c: yaml.safe_dump(c).encode()))
 set_exprs = st.lists(st.one_of(st.builds(lambda k, v: f"{k}={v}", st.sampled_from(KEYS), st.text(max_size=12)),
                                st.text(max_size=20)).filter(lambda e: "\x00" not in e), max_size=3)
 
@@ -186,7 +188,8 @@ def test_edited_safetensors_headers(trained_model, edits, command):
     data = edited((trained_model / "model.safetensors").read_bytes(), edits)
     with tempfile.TemporaryDirectory() as tmp:
         model = _write(tmp, "model.safetensors", data)
-        args = ["info", model] if command == "info" else ["translate", "-m", model, _write(tmp, "in", b"zuza\n\nzobo.\n"), "-q"]
+        args = (["info", model] if command == "info"
+                else ["translate", "-m", model, _write(tmp, "in", b"zuza\n\nzobo.\n"), "-q"])
         code, out, err = run_main(*args)
         assert_clean(code, err)
         if code == 0 and command == "translate":
@@ -236,7 +239,8 @@ def _server_app(model_dir):
 request_bodies = st.one_of(
     st.binary(max_size=300),
     json_values.map(lambda v: json.dumps(v).encode()),
-    st.dictionaries(st.sampled_from(["lines", "beam", "text"]), json_values | st.lists(st.text(max_size=30), max_size=25),
+    st.dictionaries(st.sampled_from(["lines", "beam", "text"]),
+                    json_values | st.lists(st.text(max_size=30), max_size=25),
                     max_size=2).map(lambda v: json.dumps(v).encode()),
     st.lists(st.text(max_size=40), max_size=25).map(lambda lines: json.dumps({"lines": lines}).encode()),
 )

@@ -132,10 +132,11 @@ def test_copy_learns_to_copy_tokens_it_never_saw_as_targets():
         cfg = ModelConfig(embedding_size=16, encoder_hidden_size=16, hidden_size=32, dropout=0.0, copy_source=copy)
         model = build_model(cfg, 64, 64)
         opt = torch.optim.Adam(model.parameters(), lr=0.01)
-        for epoch in range(6):
+        for _epoch in range(6):
             for k in range(0, len(train), 32):
                 b = make_batch(*zip(*train[k:k + 32]))
-                loss = torch.nn.functional.cross_entropy(model(b.src, b.src_lens, b.tgt_in).flatten(0, 1), b.tgt_out.flatten())
+                loss = torch.nn.functional.cross_entropy(model(b.src, b.src_lens, b.tgt_in).flatten(0, 1),
+                                                         b.tgt_out.flatten())
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -55,8 +55,8 @@ models = st.sampled_from([("gru", "attention"), ("lstm", "init"), ("rnn", "every
 @settings(max_examples=40, deadline=None)
 @given(sources, models, st.integers(0, 3))
 def test_beam_one_equals_greedy(srcs, which, ngram):
-    g = run(lambda m, s, l, r: greedy(m, s, l, r), srcs, which, no_repeat_ngram=ngram)
-    bs = run(lambda m, s, l, r: beam_search(m, s, l, r, 1, alpha=0.0), srcs, which, no_repeat_ngram=ngram)
+    g = run(lambda m, s, lens, r: greedy(m, s, lens, r), srcs, which, no_repeat_ngram=ngram)
+    bs = run(lambda m, s, lens, r: beam_search(m, s, lens, r, 1, alpha=0.0), srcs, which, no_repeat_ngram=ngram)
     assert [h[0].tokens for h in g] == [h[0].tokens for h in bs]
     for x, y in zip(g, bs):
         assert x[0].score == pytest.approx(y[0].score, abs=1e-4)
@@ -65,7 +65,8 @@ def test_beam_one_equals_greedy(srcs, which, ngram):
 @settings(max_examples=25, deadline=None)
 @given(sources, models, st.integers(2, 5))
 def test_batch_equals_one_by_one(srcs, which, k):
-    search = lambda m, s, l, r: beam_search(m, s, l, r, k, alpha=1.0, nbest=k)
+    def search(m, s, lens, r):
+        return beam_search(m, s, lens, r, k, alpha=1.0, nbest=k)
     together = run(search, srcs, which)
     for src, hyps in zip(srcs, together):
         assert [h.tokens for h in hyps] == [h.tokens for h in run(search, [src], which)[0]]
@@ -74,7 +75,7 @@ def test_batch_equals_one_by_one(srcs, which, k):
 @settings(max_examples=25, deadline=None)
 @given(sources, st.integers(1, 6), st.floats(0.0, 2.0), st.floats(0.0, 1.0))
 def test_nbest_sorted_within_limits_and_no_specials(srcs, k, alpha, beta):
-    results = run(lambda m, s, l, r: beam_search(m, s, l, r, k, alpha=alpha, nbest=k, coverage_penalty=beta),
+    results = run(lambda m, s, lens, r: beam_search(m, s, lens, r, k, alpha=alpha, nbest=k, coverage_penalty=beta),
                   srcs, max_len_a=1.0, max_len_b=2, min_len=2)
     for src, hyps in zip(srcs, results):
         assert 1 <= len(hyps) <= k
@@ -87,7 +88,8 @@ def test_nbest_sorted_within_limits_and_no_specials(srcs, k, alpha, beta):
 @settings(max_examples=30, deadline=None)
 @given(sources, st.integers(1, 5), st.integers(1, 3))
 def test_no_repeated_ngrams(srcs, k, n):
-    for hyps in run(lambda m, s, l, r: beam_search(m, s, l, r, k, nbest=k), srcs, no_repeat_ngram=n, max_len_b=20):
+    for hyps in run(lambda m, s, lens, r: beam_search(m, s, lens, r, k, nbest=k), srcs, no_repeat_ngram=n,
+                    max_len_b=20):
         for h in hyps:
             grams = [tuple(h.tokens[i:i + n]) for i in range(len(h.tokens) - n + 1)]
             assert len(grams) == len(set(grams))
@@ -101,7 +103,8 @@ PUNCT = [5, 6]  # stand-ins for '，' and '。'
        st.integers(1, 5), models)
 def test_exact_length_and_punctuation_positions_for_any_input(srcs, k, which):
     forced = [[tok if tok in PUNCT else -1 for tok in s] for s in srcs]
-    for search in (lambda m, s, l, r: greedy(m, s, l, r), lambda m, s, l, r: beam_search(m, s, l, r, k, nbest=k)):
+    for search in (lambda m, s, lens, r: greedy(m, s, lens, r),
+                   lambda m, s, lens, r: beam_search(m, s, lens, r, k, nbest=k)):
         for src, hyps in zip(srcs, run(search, srcs, which, forced=forced, free_banned=PUNCT)):
             assert hyps
             for h in hyps:
@@ -116,7 +119,7 @@ def test_length_penalty_values():
 
 
 def test_absolute_max_len():
-    for hyps in run(lambda m, s, l, r: beam_search(m, s, l, r, 3), [[7] * 30], max_len=5, min_len=100):
+    for hyps in run(lambda m, s, lens, r: beam_search(m, s, lens, r, 3), [[7] * 30], max_len=5, min_len=100):
         assert all(len(h.tokens) == 5 for h in hyps)
 
 
@@ -125,17 +128,20 @@ def test_absolute_max_len():
 def test_sampling_top_k_one_is_greedy_and_seeded_sampling_repeats(srcs, temperature):
     from seqtool.search import sampler
 
-    g = run(lambda m, s, l, r: greedy(m, s, l, r), srcs)
-    k1 = run(lambda m, s, l, r: greedy(m, s, l, r, pick=sampler(temperature, top_k=1)), srcs)
+    g = run(lambda m, s, lens, r: greedy(m, s, lens, r), srcs)
+    k1 = run(lambda m, s, lens, r: greedy(m, s, lens, r, pick=sampler(temperature, top_k=1)), srcs)
     assert [h[0].tokens for h in g] == [h[0].tokens for h in k1]
-    draw = lambda seed: run(lambda m, s, l, r: greedy(m, s, l, r, pick=sampler(temperature, top_p=0.9, seed=seed)), srcs)
+    def draw(seed):
+        return run(lambda m, s, lens, r: greedy(m, s, lens, r, pick=sampler(temperature, top_p=0.9, seed=seed)),
+                   srcs)
     assert [h[0].tokens for h in draw(3)] == [h[0].tokens for h in draw(3)]
 
 
 def test_sampling_explores():
     from seqtool.search import sampler
 
-    outs = {tuple(run(lambda m, s, l, r: greedy(m, s, l, r, pick=sampler(5.0, seed=seed)), [[7, 8, 9]])[0][0].tokens)
+    outs = {tuple(run(lambda m, s, lens, r, seed=seed: greedy(m, s, lens, r, pick=sampler(5.0, seed=seed)),
+                      [[7, 8, 9]])[0][0].tokens)
             for seed in range(10)}
     assert len(outs) > 1
 
@@ -143,12 +149,13 @@ def test_sampling_explores():
 @pytest.mark.parametrize("search", ["greedy", "beam", "sample"])
 def test_rules_that_allow_no_ending_give_the_best_unfinished_hypothesis(search):
     """Only tokens 4 and 5 allowed, never twice in a row nor alternating three times, and EOS banned before
-    5 tokens: after two steps nothing is allowed. The search returns the best unfinished hypothesis (never nothing, never a banned token)."""
+    5 tokens: after two steps nothing is allowed. The search returns the best unfinished hypothesis (never nothing,
+    never a banned token)."""
     from seqtool.search import sampler
 
-    fn = {"greedy": lambda m, s, l, r: greedy(m, s, l, r),
-          "beam": lambda m, s, l, r: beam_search(m, s, l, r, 3, nbest=3),
-          "sample": lambda m, s, l, r: greedy(m, s, l, r, pick=sampler(seed=1))}[search]
+    fn = {"greedy": lambda m, s, lens, r: greedy(m, s, lens, r),
+          "beam": lambda m, s, lens, r: beam_search(m, s, lens, r, 3, nbest=3),
+          "sample": lambda m, s, lens, r: greedy(m, s, lens, r, pick=sampler(seed=1))}[search]
     avoid = [[(4, 4), (5, 5), (4, 5, 4), (5, 4, 5)]] * 2
     results = run(fn, [[7, 8, 9], [10, 11]], avoid=avoid, min_len=5, banned=list(range(6, V)))
     for hyps in results:

@@ -55,18 +55,21 @@ def test_translations_match_the_cli(server, trained_model):
     r = httpx.post(url + "/translate", json={"lines": lines}, timeout=60)
     assert r.status_code == 200
     got = [t["text"] for t in r.json()["translations"]]
-    cli = run_cli("translate", "-m", str(trained_model), "--beam", "5", "--shortlist", "0", input="\n".join(lines) + "\n", check=True)
+    cli = run_cli("translate", "-m", str(trained_model), "--beam", "5", "--shortlist", "0",
+                  input="\n".join(lines) + "\n", check=True)
     assert got == cli.stdout.split("\n")[:-1] and got[1] == got[3] == ""
 
 
 def test_concurrent_requests_each_get_their_own_lines(server):
     url, _ = server
     before = httpx.get(url + "/health").json()
-    requests = [[f"seliti roma {w}"] * (i % 3 + 1) for i, w in enumerate(["zefu", "la", "sa", "roma", "fizafa", "zefu"])]
+    requests = [[f"seliti roma {w}"] * (i % 3 + 1)
+                for i, w in enumerate(["zefu", "la", "sa", "roma", "fizafa", "zefu"])]
     with ThreadPoolExecutor(len(requests)) as pool:
         replies = list(pool.map(lambda lines: httpx.post(url + "/translate", json={"lines": lines}, timeout=60),
                                 requests))
-    alone = {lines[0]: httpx.post(url + "/translate", json={"lines": lines[:1]}, timeout=60).json()["translations"][0]["text"]
+    alone = {lines[0]: httpx.post(url + "/translate", json={"lines": lines[:1]},
+                                  timeout=60).json()["translations"][0]["text"]
              for lines in requests}
     for lines, reply in zip(requests, replies):
         assert reply.status_code == 200
@@ -126,7 +129,8 @@ def test_oversized_body_unknown_route_and_health_info(server):
 def test_port_in_use_is_one_line(server, trained_model):
     _, port = server
     proc = run_cli("serve", "-m", str(trained_model), "--port", str(port))
-    assert proc.returncode == 1 and proc.stderr == f"seqtool: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    assert (proc.returncode == 1
+            and proc.stderr == f"seqtool: error: cannot listen on 127.0.0.1:{port}: Address already in use\n")
 
 
 # -- in-process: the batcher under failure and back-pressure -----------------------------------
@@ -180,7 +184,8 @@ def test_requests_that_wait_together_are_decoded_together():
     async def scenario(client):
         first = asyncio.create_task(client.post("/translate", json={"lines": ["a"]}))
         assert await asyncio.to_thread(fake.started.wait, 30)
-        rest = [asyncio.create_task(client.post("/translate", json={"lines": [w] * n})) for w, n in zip("bcde", (1, 2, 3, 1))]
+        rest = [asyncio.create_task(client.post("/translate", json={"lines": [w] * n}))
+                for w, n in zip("bcde", (1, 2, 3, 1))]
         while (await client.get("/health")).json()["waiting"] < 7:
             await asyncio.sleep(0.01)
         fake.release.set()
@@ -298,11 +303,13 @@ def test_binding_beyond_localhost_is_said_and_bad_ports_hosts_are_one_line(train
     proc = subprocess.Popen([sys.executable, "-m", "seqtool", "serve", "-m", str(trained_model), "--host", "0.0.0.0",
                              "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
     try:
-        first, second = readline_within(proc.stderr, 120), readline_within(proc.stderr, 30)  # a missing line fails, never hangs
+        # a missing line fails, never hangs
+        first, second = readline_within(proc.stderr, 120), readline_within(proc.stderr, 30)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    assert first.startswith(f"seqtool: serving on http://0.0.0.0:{port}".encode())
+    assert first.startswith(f"seqtool: serving on http://0.0.0.0:{port} (GET /health, GET /info, POST /translate, "
+                            "POST /poem)".encode())  # the banner lists the app's own routes
     assert b"0.0.0.0 is reachable from other machines" in second
     for args, message in ((["--port", "70000"], "--port must be a TCP port, 1 to 65535, not 70000"),
                           (["--port", "0"], "--port must be a TCP port"),

@@ -128,5 +128,6 @@ def test_a_model_without_a_table_refuses_shortlist_in_one_line(trained_model, tm
     save_model(tmp_path / "old.safetensors", bundle)
     proc = run_cli("translate", "-m", str(tmp_path / "old.safetensors"), "--shortlist", "5", input="a b c\n")
     assert_one_line_error(proc, "no shortlist table")
-    proc = run_cli("translate", "-m", str(tmp_path / "old.safetensors"), "--shortlist", "0", input="a b c\n", check=True)
+    proc = run_cli("translate", "-m", str(tmp_path / "old.safetensors"), "--shortlist", "0", input="a b c\n",
+                   check=True)
     assert proc.stdout.count("\n") == 1

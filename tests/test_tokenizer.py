@@ -52,7 +52,8 @@ def test_word_type_gives_one_id_per_word_even_for_unknown_neighbours():
 
 def test_word_type_reads_unspaced_chinese_as_its_characters():
     """People type 上联 without spaces; a token the vocabulary lacks that is all CJK is read as its characters."""
-    tok = train_tokenizer(["指 点 江 山 ， 书 生 意 气", "江山 如 画"] * 3, TokenizerConfig(type="word", vocab_size=100))
+    tok = train_tokenizer(["指 点 江 山 ， 书 生 意 气", "江山 如 画"] * 3,
+                          TokenizerConfig(type="word", vocab_size=100))
     assert tok.words("指点江山，书生意气") == list("指点江山，书生意气")
     assert tok.encode("指点江山，书生意气") == tok.encode("指 点 江 山 ， 书 生 意 气")
     assert tok.words("江山 跄跄 hello") == ["江山", "跄", "跄", "hello"]  # known words stay; Latin is not split

@@ -53,7 +53,8 @@ def test_resume_restores_the_gradient_scaler(tmp_path):
     assert straight.scaler.state_dict() == resumed.scaler.state_dict()
     assert straight.scaler.state_dict()["_growth_tracker"] == 40  # 20 if the tracker restarted at the resume
     assert load_state(tmp_path / "b" / STATE_FILE).scaler == straight.scaler.state_dict()
-    for (name, wa), (_, wb) in zip(straight.bundle.model.state_dict().items(), resumed.bundle.model.state_dict().items()):
+    for (name, wa), (_, wb) in zip(straight.bundle.model.state_dict().items(),
+                                   resumed.bundle.model.state_dict().items()):
         assert torch.equal(wa, wb), name
 
 
@@ -166,7 +167,8 @@ def test_keep_last_and_average(tmp_path):
     from seqtool.checkpoint import load_model
 
     a, b, avg = (load_model(p) for p in (tmp_path / "m" / kept[0], tmp_path / "m" / kept[1], out))
-    for (name, wa), wb, wavg in zip(a.model.state_dict().items(), b.model.state_dict().values(), avg.model.state_dict().values()):
+    for (name, wa), wb, wavg in zip(a.model.state_dict().items(), b.model.state_dict().values(),
+                                    avg.model.state_dict().values()):
         torch.testing.assert_close(wavg, (wa + wb) / 2, msg=name)
     assert len(avg.info["averaged"]) == 2
     none = run_cli("average", str(tmp_path), "-o", str(out))
@@ -176,8 +178,8 @@ def test_keep_last_and_average(tmp_path):
 def test_keep_best_by_rouge_keeps_the_highest_dev_rouge(tmp_path):
     cfg = validate(tiny_config(tmp_path / "m", training={**SMALL, "keep_best_by": "rouge"}))
     trainer = run_training(cfg, quiet=True)
-    from seqtool.plot import read_metrics
     from seqtool.metrics import rouge_mean
+    from seqtool.plot import read_metrics
 
     rows = read_metrics(tmp_path / "m" / "metrics.jsonl")
     assert len(rows) == 2 and all(0 <= r["valid_rouge"] <= 100 for r in rows)

@@ -28,7 +28,8 @@ def translator(**decoding) -> Translator:
     return Translator(_MODEL, _TOK, _TOK, _CFG.decoding.model_copy(update=decoding))
 
 
-lines_strategy = st.lists(st.one_of(st.just(""), st.just("   "), st.text(max_size=30).map(lambda s: s.replace("\n", " ").replace("\r", " "))),
+lines_strategy = st.lists(st.one_of(st.just(""), st.just("   "),
+                                    st.text(max_size=30).map(lambda s: s.replace("\n", " ").replace("\r", " "))),
                           max_size=25)
 
 

@@ -33,8 +33,8 @@ def test_repetition_pattern():
 
 
 def test_couplet_metrics_against_hand_counts():
-    # upper 山山，天高 / lower 春秋，海阔: 高 (平) answered by 阔 (仄); positions 山/春 山/秋 天/海 高/阔: 平平 平平 平仄
-    # 平仄 -> 2 of 4 opposed; 山山 repeats, 春秋 does not; no echo.
+    # upper 山山，天高 / lower 春秋，海阔: 高 (平) answered by 阔 (仄); positions 山/春 山/秋 天/海 高/阔:
+    # 平平 平平 平仄 平仄 -> 2 of 4 opposed; 山山 repeats, 春秋 does not; no echo.
     # upper 一四 / lower 一二: 四 (仄) answered by 二 (仄): no; 一/一 平平, 四/二 仄仄; 一 echoed: 1 of 2.
     s = scores(["春 秋 ， 海 阔", "一 二"], ["山 山 ， 天 高", "一 四"])
     assert s["tone_match"] == 50.0 and s["tone_opposed"] == pytest.approx(100 * 2 / 6, abs=0.01)
@@ -146,8 +146,8 @@ def couplet_model(tmp_path_factory):
 
 
 def couplet_eval(model, *flags):
-    proc = run_cli("evaluate", "-m", str(model), "--src", str(COUPLETS / "test.src"), "--ref", str(COUPLETS / "test.tgt"),
-                   "--metrics", "couplet", "--json", *flags, check=True)
+    proc = run_cli("evaluate", "-m", str(model), "--src", str(COUPLETS / "test.src"),
+                   "--ref", str(COUPLETS / "test.tgt"), "--metrics", "couplet", "--json", *flags, check=True)
     return json.loads(proc.stdout)["scores"]
 
 
@@ -219,12 +219,14 @@ def first_line_model(tmp_path_factory):
     work = tmp_path_factory.mktemp("first")
     data = {}
     for split in ("train", "valid"):
-        lines = [line for side in ("src", "tgt") for line in (COUPLETS / f"{split}.{side}").read_text("utf-8").splitlines()]
+        lines = [line for side in ("src", "tgt")
+                 for line in (COUPLETS / f"{split}.{side}").read_text("utf-8").splitlines()]
         (work / f"{split}.tgt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         (work / f"{split}.src").write_text("\n".join(line.split()[0] for line in lines) + "\n", encoding="utf-8")
         data.update({f"{split}_src": str(work / f"{split}.src"), f"{split}_tgt": str(work / f"{split}.tgt")})
     cfg = tiny_config(work / "model", data=data, tokenizer={"type": "word", "vocab_size": 200},
-                      training={"max_steps": 100, "valid_every": 100, "keep_best_by": "loss"}, decoding={"shortlist": 0})
+                      training={"max_steps": 100, "valid_every": 100, "keep_best_by": "loss"},
+                      decoding={"shortlist": 0})
     run_cli("train", "-c", str(write_config(work / "c.yaml", cfg)), "-q", check=True)
     return work / "model"
 
@@ -232,7 +234,8 @@ def first_line_model(tmp_path_factory):
 def test_cli_acrostic_poem_heads_lengths_and_tones(first_line_model, couplet_model):
     heads = ["天江秋南", "江右", "古"]
     proc = run_cli("poem", "--first", str(first_line_model), "--next", str(couplet_model), "--chars", "5",
-                   "--format", "json", "--set", "decoding.mirror_repeats=true", input="\n".join(heads) + "\n", check=True)
+                   "--format", "json", "--set", "decoding.mirror_repeats=true", input="\n".join(heads) + "\n",
+                   check=True)
     poems = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [p["heads"] for p in poems] == heads
     for p in poems:
@@ -284,7 +287,8 @@ def test_serve_writes_poems(first_line_model, couplet_model):
                 ({"heads": "天江秋南", "chars": 5}, {"heads": "天江", "chars": 6, "tones": False}, {"heads": "x"},
                  {"heads": "天", "chars": "five"})]
 
-    good, untoned, bad, malformed = in_process(make_app(served, {}, poet=Poet(translator(first_line_model), served)), scenario)
+    good, untoned, bad, malformed = in_process(make_app(served, {}, poet=Poet(translator(first_line_model), served)),
+                                               scenario)
     assert good.status_code == 200 and good.json()["heads"] == "天江秋南"
     lines = good.json()["lines"]
     assert [line[0] for line in lines] == list("天江秋南") and {len(line) for line in lines} == {5}

@@ -12,7 +12,7 @@ Modes without a step-to-step dependency outside the RNN run over the whole targe
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Union, cast
 
 import torch
 from torch import nn
@@ -37,13 +37,13 @@ class DecoderState:
     src: Optional[torch.Tensor] = None  # (B, S) source ids, kept for copying
     group: int = 1  # rows per sentence
 
-    def grouped(self, group: int) -> "DecoderState":
+    def grouped(self, group: int) -> DecoderState:
         """Each sentence's row repeated `group` times; the source side is not copied (beams share it)."""
         assert self.group == 1
         index = torch.arange(self.hidden.size(1), device=self.hidden.device).repeat_interleave(group)
         return replace(self._rows(index), group=group)
 
-    def select(self, index: torch.Tensor) -> "DecoderState":
+    def select(self, index: torch.Tensor) -> DecoderState:
         """Keep / reorder rows (greedy drops finished sentences, beam search reorders hypotheses): `group`
         consecutive entries of `index` per kept sentence, all rows of that one sentence."""
         state = self._rows(index)
@@ -55,7 +55,7 @@ class DecoderState:
                 changes[name] = value.index_select(0, sents)
         return replace(state, **changes)
 
-    def _rows(self, index: torch.Tensor) -> "DecoderState":
+    def _rows(self, index: torch.Tensor) -> DecoderState:
         changes = {}
         for name, dim in (("hidden", 1), ("cell", 1), ("feed", 0)):
             value = getattr(self, name)
@@ -86,10 +86,12 @@ class Decoder(nn.Module):
         self.bridge = nn.Linear(enc_size, layers * hidden_size)
         self.cell_bridge = nn.Linear(enc_size, layers * hidden_size) if cell == "lstm" else None
 
-        rnn_in = emb + (enc_size if context != "init" and not self.luong else 0) + (output_size if self.input_feeding else 0)
+        rnn_in = (emb + (enc_size if context != "init" and not self.luong else 0)
+                  + (output_size if self.input_feeding else 0))
         self.rnn = make_rnn(cell, rnn_in, hidden_size, layers, dropout)
         if context == "attention":
-            kind = {"bahdanau": "additive", "luong_concat": "additive", "luong_dot": "dot", "luong_general": "general"}[attention]
+            kind = {"bahdanau": "additive", "luong_concat": "additive", "luong_dot": "dot",
+                    "luong_general": "general"}[attention]
             self.attention = Attention(kind, hidden_size, enc_size)
         if self.luong:
             out_in = hidden_size + enc_size  # attentional vector tanh(W [c_t; s_t])
@@ -107,7 +109,8 @@ class Decoder(nn.Module):
         hidden = torch.tanh(self.bridge(enc.final)).view(B, self.layers, self.hidden_size).transpose(0, 1).contiguous()
         cell = None
         if self.cell_bridge is not None:
-            cell = torch.tanh(self.cell_bridge(enc.final_cell)).view(B, self.layers, self.hidden_size).transpose(0, 1).contiguous()
+            cell = (torch.tanh(self.cell_bridge(enc.final_cell)).view(B, self.layers, self.hidden_size)
+                    .transpose(0, 1).contiguous())
         feed = enc.final.new_zeros(B, self.output_size) if self.input_feeding else None
         keys = self.attention.keys(enc.states) if self.mode == "attention" else None
         return DecoderState(hidden, cell, feed, enc.final, enc.states, keys, enc.mask)
@@ -134,6 +137,7 @@ class Decoder(nn.Module):
             ctx, weights = self._attend(s, state)
             feats = [ctx, s]
         elif self.bahdanau:
+            assert attn_ctx is not None  # the Bahdanau paths attend before the RNN and pass its context
             feats = [s, attn_ctx, emb]
         elif self.mode == "every_step":
             ctx = state.per_row(state.context) if s.dim() == 2 else state.context.unsqueeze(1).expand(-1, s.size(1), -1)
@@ -149,9 +153,11 @@ class Decoder(nn.Module):
         out, state = self._run_rnn(torch.cat([emb, attn_ctx], dim=-1).unsqueeze(1), state)
         return out, attn_ctx, weights, state
 
-    def step(self, prev: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState, Optional[torch.Tensor]]:
+    def step(self, prev: torch.Tensor,
+             state: DecoderState) -> tuple[torch.Tensor, DecoderState, Optional[torch.Tensor]]:
         """One step for a batch of previous tokens (B,) -> (features (B, O), new state, attention weights)."""
         emb = self.dropout(self.embed(prev))
+        weights: Optional[torch.Tensor]
         if self.bahdanau:
             out, attn_ctx, weights, state = self._bahdanau_rnn_step(emb, state)
             feats, _ = self._features(emb, out.squeeze(1), state, attn_ctx)
@@ -170,13 +176,15 @@ class Decoder(nn.Module):
     def forward(self, tgt_in: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Teacher-forced features for a whole target (B, T) -> (B, T, O), and the attention weights
         (B, T, S) with context attention, else None."""
+        weights: Union[list[Optional[torch.Tensor]], Optional[torch.Tensor]]  # per step in the loops, or all steps
         if self.input_feeding:
             outs, weights = [], []
             for t in range(tgt_in.size(1)):
                 feats, state, w = self.step(tgt_in[:, t], state)
                 outs.append(feats)
                 weights.append(w)
-            return torch.stack(outs, dim=1), torch.stack(weights, dim=1)
+            # input feeding is for luong_* attention only (ModelConfig): every step has weights
+            return torch.stack(outs, dim=1), torch.stack(cast(list[torch.Tensor], weights), dim=1)
         emb = self.dropout(self.embed(tgt_in))
         if self.bahdanau:
             # Only attention and the RNN recur; the output features of all steps are one matrix product after.
@@ -187,7 +195,7 @@ class Decoder(nn.Module):
                 contexts.append(attn_ctx)
                 weights.append(w)
             feats, _ = self._features(emb, torch.cat(outs, dim=1), state, torch.stack(contexts, dim=1))
-            return self.dropout(feats), torch.stack(weights, dim=1)
+            return self.dropout(feats), torch.stack(cast(list[torch.Tensor], weights), dim=1)
         x = emb
         if self.mode == "every_step":
             x = torch.cat([emb, state.context.unsqueeze(1).expand(-1, emb.size(1), -1)], dim=-1)

@@ -15,7 +15,8 @@ from seqtool.tokenizer import PAD
 RNN_CELLS = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
 
 
-def make_rnn(cell: str, input_size: int, hidden_size: int, layers: int, dropout: float, bidirectional: bool = False) -> nn.RNNBase:
+def make_rnn(cell: str, input_size: int, hidden_size: int, layers: int, dropout: float,
+             bidirectional: bool = False) -> nn.RNNBase:
     return RNN_CELLS[cell](
         input_size, hidden_size, num_layers=layers, batch_first=True,
         dropout=dropout if layers > 1 else 0.0, bidirectional=bidirectional,

@@ -8,7 +8,7 @@ its backward and the full-size temporaries of F.cross_entropy (docs/performance.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 
@@ -23,7 +23,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_feats, want_weight, want_bias = (grad_enabled and need for need in ctx.needs_input_grad[:3])
         grad_feats = torch.empty_like(feats) if want_feats else None
         grad_weight = torch.zeros_like(weight) if want_weight else None
-        grad_bias = torch.zeros_like(bias) if want_bias else None
+        grad_bias = torch.zeros_like(cast(torch.Tensor, bias)) if want_bias else None  # no bias: no gradient asked
         vocab = weight.size(0)
         total = feats.new_zeros((), dtype=torch.float32)
         for start in range(0, feats.size(0), chunk):
@@ -38,6 +38,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse = (top + norm.log()).squeeze(1)
             loss = lse - (1.0 - smoothing) * picked
             if smoothing:
+                assert row_sum is not None
                 loss = loss - smoothing / vocab * row_sum
             total += loss.sum()
             if not (want_feats or want_weight or want_bias):
@@ -48,10 +49,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad.sub_(smoothing / vocab)
             grad.scatter_add_(1, t, grad.new_full(t.shape, smoothing - 1.0))
             if want_feats:
+                assert grad_feats is not None
                 torch.mm(grad, weight, out=grad_feats[start:start + chunk])
             if want_weight:
+                assert grad_weight is not None
                 grad_weight.addmm_(grad.t(), f)
             if want_bias:
+                assert grad_bias is not None
                 grad_bias += grad.sum(0)
         ctx.save_for_backward(grad_feats, grad_weight, grad_bias)
         return total

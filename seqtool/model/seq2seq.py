@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -75,6 +76,7 @@ class Seq2Seq(nn.Module):
         if self.copy_gate is None:
             scores = self.output(feats)
         else:
+            assert weights is not None and state.src is not None  # copy_source: context attention; encode kept src
             scores = self._copy_log_probs(feats, weights, state.src)
         if tgt_out is None:
             return scores
@@ -89,12 +91,14 @@ class Seq2Seq(nn.Module):
         output = self.output if output is None else output
         if self.copy_gate is None:
             return torch.log_softmax(output(feats), dim=-1), state, weights
+        assert weights is not None and state.src is not None  # copy_source: context attention; encode kept src
         return self._copy_log_probs(feats, weights, state.per_row(state.src), output), state, weights
 
     def _copy_log_probs(self, feats: torch.Tensor, weights: torch.Tensor, src: torch.Tensor,
                         output: Optional[OutputLayer] = None) -> torch.Tensor:
         """Pointer-generator (See et al., 2017): p = g * softmax(output) + (1 - g) * attention summed per
         source id, with the gate g = sigmoid(w . features); features (B, [T,] O), weights (B, [T,] S)."""
+        assert self.copy_gate is not None  # called only for copy_source models
         gate = torch.sigmoid(self.copy_gate(feats).float())
         probs = gate * torch.softmax((self.output if output is None else output)(feats).float(), dim=-1)
         ids = src if weights.dim() == 2 else src.unsqueeze(1).expand(-1, weights.size(1), -1)
