@@ -12,7 +12,7 @@
    asked length, and of lines 2 and 4 ending on a 平 tone; prints 20 of them.
 
     python bench/couplets.py --minutes 30 [--first runs/poem_first] [--side-by-side] [--skip-training --out DIR]
-Every figure goes to OUT/results.jsonl (default runs/bench_couplets/<stamp>).
+Every figure goes to OUT/results.json (default runs/bench_couplets/<stamp>).
 """
 
 from __future__ import annotations
@@ -58,10 +58,11 @@ def train_all(minutes: float, out: Path, side_by_side: bool) -> dict[str, Path]:
                 "--set", "training.valid_every=200", *flags]  # a point every few minutes: a curve
         log = open(out / f"train.{model_dir.name}.log", "wb")
         runs[label] = (model_dir, subprocess.Popen([sys.executable, "-m", "seqtool", *args], cwd=ROOT, stderr=log), log)
-        if not side_by_side:
+        if not side_by_side:  # the next starts when this one is done
             wait(label, *runs[label])
-    for label, run in runs.items():
-        wait(label, *run)
+    if side_by_side:
+        for label, run in runs.items():
+            wait(label, *run)
     return {label: model_dir for label, (model_dir, _, _) in runs.items()}
 
 

@@ -117,9 +117,8 @@ def _unpack(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[
     try:
         with safe_open(path, framework="pt") as f:
             raw_meta = f.metadata() or {}
-            names = list(f.keys())
             if raw_meta.get("format") == kind and raw_meta.get("format_version") == str(FORMAT_VERSION):
-                tensors = {name: f.get_tensor(name) for name in names}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
     except OSError as exc:
         raise ModelFileError(f"cannot read {path}: {exc.strerror}") from None
     except Exception:  # safetensors' own errors: a header that is not one, offsets past the end, bad dtypes

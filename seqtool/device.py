@@ -42,6 +42,7 @@ def pick_device(name: str) -> torch.device:
 
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # native bf16: AMX tiles first, then AVX-512's bf16 dot products
+NO_BF16 = f"this CPU has no native bf16 (no {' or '.join(BF16_FLAGS)})"
 
 
 @lru_cache(maxsize=1)
@@ -103,14 +104,14 @@ def pick_precision(device: torch.device, requested: str) -> Precision:
     flag = cpu_bf16_flag()
     if requested == "auto":
         if flag is None:
-            return Precision(device, why="auto: this CPU has no native bf16 (no amx_bf16 or avx512_bf16)")
+            return Precision(device, why=f"auto: {NO_BF16}")
         return Precision(device, torch.bfloat16, why=f"auto: this CPU has {flag}")
     if requested == "fp16":
         raise ConfigError("training.precision fp16 is for CUDA GPUs; on the CPU use fp32 "
                           "(or bf16 where the CPU has it)")
     if flag is None:
-        raise ConfigError("training.precision bf16: this CPU has no native bf16 (no avx512_bf16 / amx_bf16), where it "
-                          "runs 20-50x slower than fp32; use fp32 or auto")
+        raise ConfigError(f"training.precision bf16: {NO_BF16}, where it runs 20-50x slower than fp32; "
+                          "use fp32 or auto")
     return Precision(device, torch.bfloat16)
 
 
