@@ -1,5 +1,6 @@
-"""Decoding speed and BLEU of a trained Multi30k de-en model: fp32 against int8 (`--quantize`), a
-vocabulary shortlist (`--shortlist 10`) and both, one run.
+"""Decoding speed and BLEU of a trained Multi30k de-en model: fp32 against int8 and bf16 (`--quantize`,
+decoding.quantize_kind; bf16 only on a CPU with native bf16), a vocabulary shortlist (`--shortlist 10`) and
+both, one run.
 
 Decodes test2016 (1,000 sentences, batch 64) greedy and at beam 5 in each variant, one command at a
 time, timed as bench/compare_peers.py times them (the tool's own decode time and the whole command,
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from compare_peers import ROOT, VARIANTS, seqtool_decode
 
+from seqtool.device import cpu_bf16_flag
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,6 +30,8 @@ def main() -> None:
     rows = []
     for beam in (1, 5):
         for label, flags in VARIANTS.items():
+            if "bf16" in " ".join(flags) and cpu_bf16_flag() is None:
+                continue  # refused there: bf16 without native bf16 is 20-50x slower
             row = {"variant": label, **seqtool_decode(args.out, args.model_dir, beam, flags, f".{label}")}
             rows.append(row)
             with open(args.out / "results.jsonl", "a") as f:

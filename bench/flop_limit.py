@@ -4,16 +4,17 @@ Takes a trained model dir (its config, tokenizers and weights, e.g. the seqtool 
 bench/compare_peers.py run), makes the trainer's own token-budget batches from the first training
 pairs, counts the floating-point operations of a training step (forward and backward, by torch's
 FlopCounterMode: matrix products only, the rest is memory-bound) and times full steps (loss,
-backward, clipping, Adam) on those batches. On the same machine, in the same run, it times fp32
-matrix products in fp32, bf16 and int8 (torch's dynamic int8 linear, which `--quantize` runs): a large
-square one (each kind's peak), the training output layer's and a decoder step's shapes. Prints FLOPs
-per sentence (and the output layer's share), the GFLOP/s reached, its fraction of each peak and the
-sentences/s the peak would allow; then the same for beam-5 decoding of the validation lines, in fp32
-and int8 (the work counted is the fp32 decode's: an int8 product does the same multiply-adds).
+backward, clipping, Adam) on those batches, in fp32 and, where the CPU has native bf16, in bf16. On
+the same machine, in the same run, it times matrix products in fp32, bf16 and int8 (torch's dynamic
+int8 linear, which `--quantize` runs): a large square one (each kind's peak), the training output
+layer's and a decoder step's shapes. Prints FLOPs per sentence (and the output layer's share), the
+GFLOP/s reached, its fraction of each peak and the sentences/s the peak would allow; then the same for
+beam-5 decoding of the validation lines, in fp32, int8 and (with native bf16) bf16 (the work counted
+is the fp32 decode's: a lower-precision product does the same multiply-adds).
 Whether the CPU has native bf16 / int8 matrix units (amx_bf16, avx512_bf16, amx_int8, avx512_vnni)
 is printed beside the figures: on a CPU without them bf16 is 20-50x slower, and it shows here.
 
-    python bench/flop_limit.py runs/bench_peers/<stamp>/seqtool
+    python bench/flop_limit.py runs/bench_peers/<stamp>/seqtool-fp32
     python bench/flop_limit.py runs/multi30k_deen --pairs 20000 --batches 40 --decode-lines 1000
 """
 
@@ -29,9 +30,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from seqtool.checkpoint import load_model
 from seqtool.data import encode_pairs, epoch_batches, make_batch, read_pairs
-from seqtool.device import cpu_bf16_flag, cpu_flags
+from seqtool.device import FP32_CPU as FP32
+from seqtool.device import Precision, cpu_bf16_flag, cpu_flags
 from seqtool.train import batch_loss, make_optimizer
 
+CPU = torch.device("cpu")
 KINDS = ("fp32", "bf16", "int8")
 UNITS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
 
@@ -82,8 +85,8 @@ def main() -> None:
     sents, tokens = sum(b.size for b in batches), sum(b.n_tgt_tokens for b in batches)
     optimizer = make_optimizer(model, cfg.training.lr)
 
-    def step(batch) -> None:
-        loss = batch_loss(model, batch, cfg.training.label_smoothing) / batch.n_tgt_tokens
+    def step(batch, precision: Precision = FP32) -> None:
+        loss = batch_loss(model, batch, cfg.training.label_smoothing, precision) / batch.n_tgt_tokens
         optimizer.zero_grad()
         loss.backward()
         if cfg.training.clip_grad_norm > 0:
@@ -98,10 +101,18 @@ def main() -> None:
     # The output layer: logits, their gradient with respect to the features and to the weight.
     output = 6 * tokens * model.output.in_features * model.output.out_features
 
-    start = time.perf_counter()
-    for batch in batches:
-        step(batch)
-    seconds = time.perf_counter() - start
+    # bf16 is a training precision only where the CPU has it natively (seqtool.device): elsewhere its
+    # peak is emulation's, and a fraction of it says nothing.
+    kinds = ("fp32", "bf16") if cpu_bf16_flag() else ("fp32",)
+    seconds = {}
+    for kind in kinds:
+        precision = FP32 if kind == "fp32" else Precision(CPU, torch.bfloat16, cast_weights=True)
+        for batch in batches[:2]:
+            step(batch, precision)  # warm-up
+        start = time.perf_counter()
+        for batch in batches:
+            step(batch, precision)
+        seconds[kind] = time.perf_counter() - start
 
     # One decoder step's product, input and state together: rows = sentences per batch, n = the gates.
     rnn = model.decoder.rnn
@@ -113,7 +124,6 @@ def main() -> None:
               f"decoder step ({rows} x {k} x {n})": (rows, k, n)}
     speed = {(label, kind): gemm_gflops(*shape, kind) for label, shape in shapes.items() for kind in KINDS}
     peak = {kind: speed[next(iter(shapes)), kind] for kind in KINDS}
-    reached = total / seconds / 1e9
     flags = cpu_flags()
     print(f"{len(batches)} batches of the trainer's own making: {sents} sentences, {tokens} target tokens, "
           f"{torch.get_num_threads()} threads; CPU units: {', '.join(u for u in UNITS if u in flags) or 'unknown'}\n")
@@ -124,13 +134,10 @@ def main() -> None:
     print("|---|---:|")
     print(f"| training FLOPs per sentence (fwd + bwd) | {total / sents / 1e9:.3f} G, "
           f"output layer {output / total:.0%} |")
-    print(f"| training steps, fp32 (loss, backward, clipping, Adam) | {sents / seconds:.1f} sent/s, "
-          f"{tokens / seconds:.0f} tgt tok/s |")
-    # bf16 is a training precision only where the CPU has it natively (seqtool.device): elsewhere its
-    # peak is emulation's, and a fraction of it says nothing.
-    kinds = ("fp32", "bf16") if cpu_bf16_flag() else ("fp32",)
-    print(f"| GFLOP/s reached in training | {reached:.0f}: " +
-          ", ".join(f"{reached / peak[kind]:.0%} of the {kind} peak" for kind in kinds) + " |")
+    for kind, secs in seconds.items():
+        reached = total / secs / 1e9
+        print(f"| training steps in {kind} (loss, backward, clipping, Adam) | {sents / secs:.1f} sent/s, "
+              f"{tokens / secs:.0f} tgt tok/s, {reached:.0f} GFLOP/s = {reached / peak[kind]:.0%} of the {kind} peak |")
     print("| sentences/s at the peak, every FLOP at GEMM speed | " +
           ", ".join(f"{peak[kind] * 1e9 / (total / sents):.0f} ({kind})" for kind in kinds) + " |")
     for kind, (work, lines, secs) in decode_rates(args.model_dir, cfg, args.decode_lines).items():
@@ -140,13 +147,15 @@ def main() -> None:
 
 
 def decode_rates(model_dir: Path, cfg, n: int) -> dict[str, tuple[int, int, float]]:
-    """Beam-5 decoding of the first n validation lines, fp32 and int8: (fp32 FLOPs counted, lines, seconds)."""
+    """Beam-5 decoding of the first n validation lines, fp32, int8 and (with native bf16) bf16:
+    (fp32 FLOPs counted, lines, seconds)."""
     from seqtool.cli import _translator
 
     lines = Path(cfg.data.valid_src).read_text(encoding="utf-8").splitlines()[:n]
     rates, work = {}, 0
-    for kind, quantize in (("fp32", False), ("int8", True)):
-        translator = _translator(model_dir, [f"decoding.quantize={quantize}", "decoding.beam_size=5"], {}, quiet=True)
+    for kind in ("fp32", "int8", "bf16") if cpu_bf16_flag() else ("fp32", "int8"):
+        sets = [f"decoding.quantize={kind != 'fp32'}", f"decoding.quantize_kind={'bf16' if kind == 'bf16' else 'int8'}"]
+        translator = _translator(model_dir, [*sets, "decoding.beam_size=5"], {}, quiet=True)
         if kind == "fp32":  # counting doubles as its warm-up
             counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_flops})
             with counter, torch.inference_mode():

@@ -29,7 +29,8 @@ VerboseOpt = typer.Option(False, "--verbose", "-v", help="More detail on stderr.
 DeviceOpt = typer.Option(None, "--device",
                          help="auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda or cuda:N.")
 QuantizeOpt = typer.Option(None, "--quantize/--no-quantize", help="int8 weights for the linear and RNN layers: faster "
-                           "CPU decoding, BLEU within a few tenths (docs/performance.md).")
+                           "CPU decoding, BLEU within a few tenths (docs/performance.md); --set "
+                           "decoding.quantize_kind=bf16 for bf16 on a CPU with native bf16.")
 ShortlistOpt = typer.Option(None, "--shortlist", help="Cut the output layer to each source token's N likeliest target "
                             "tokens (learned when training) + the most frequent ones: faster decoding; 0 = whole "
                             "vocabulary (decoding.shortlist).")
@@ -133,13 +134,13 @@ def _translator(model: Path, overrides: list[str], flags: dict, quiet: bool, ver
     device = pick_device(decoding.device)
     net = bundle.model.to(device)
     if decoding.quantize:
-        net = quantized(net, device)
+        net = quantized(net, device, decoding.quantize_kind)
         release_freed_memory()  # the conversion's temporaries
     if verbose:
         m = bundle.config.model
         _err(f"model: {model} ({m.cell}, context {m.context}, "
              f"vocab {bundle.src_tok.vocab_size}/{bundle.tgt_tok.vocab_size}) "
-             f"on {net.device}{', int8' if decoding.quantize else ''}"
+             f"on {net.device}{f', {decoding.quantize_kind}' if decoding.quantize else ''}"
              f"{', shortlist table' if bundle.shortlist is not None else ', no shortlist table'}")
         _err("decoding: " + " ".join(f"{k}={v}" for k, v in decoding.model_dump().items()))
     return Translator(net, bundle.src_tok, bundle.tgt_tok, decoding, bundle.config.data.truncate_src,

@@ -114,7 +114,7 @@ class TrainingConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto",
         description="auto: bf16 or fp16 mixed precision on CUDA; on the CPU bf16 where it has native bf16 "
-                    "(amx_bf16, avx512_bf16), else fp32")
+                    "(amx_bf16, avx512_bf16: the forward pass on bf16 copies of the fp32 weights), else fp32")
     on_nan: Literal["skip", "stop"] = Field(
         default="skip", description="a batch whose loss is NaN/inf: skip it, or stop training")
 
@@ -151,7 +151,10 @@ class DecodingConfig(Section):
     device: str = Field(
         default="auto", pattern=DEVICE, description="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N")
     quantize: bool = Field(
-        default=False, description="int8 dynamic quantization of the linear and RNN layers (CPU decoding)")
+        default=False, description="lower precision for CPU decoding, of the kind decoding.quantize_kind names")
+    quantize_kind: Literal["int8", "bf16"] = Field(
+        default="int8", description="with quantize: int8 (dynamic quantization of the linear and RNN layers; the "
+                                    "faster) or bf16 (a bf16 copy of the model, BLEU as fp32; CPUs with native bf16)")
     shortlist: int = Field(default=0, ge=0, le=SHORTLIST_TABLE, description="output layer cut to each source token's N "
                            "likeliest target tokens + the most frequent ones (faster decoding); 0 = whole vocabulary")
     shortlist_frequent: int = Field(

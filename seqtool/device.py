@@ -2,15 +2,20 @@
 
 `auto` takes a CUDA GPU when torch sees one, else the CPU. On CUDA, training uses mixed precision:
 bf16 where the GPU supports it, else fp16 with a gradient scaler. On the CPU, `auto` reads the CPU's
-flags: bf16 autocast where it has native bf16 (AMX's `amx_bf16` matrix units, or `avx512_bf16`),
-measured 1.34x fp32 sentences/s on a Xeon with AMX and 1.54x on a Zen 4 EPYC; fp32 elsewhere, as
-bf16 on a CPU without it was measured 20-50x slower (bench/precision.py measures it on yours), and
-there bf16 is refused. Decoding on the CPU may also quantize: int8 weights for the linear and RNN
-layers (`decoding.quantize`).
+flags: bf16 where it has native bf16 (AMX's `amx_bf16` matrix units, or `avx512_bf16`), fp32
+elsewhere, as bf16 on a CPU without it was measured 20-50x slower (bench/precision.py measures it on
+yours), and there bf16 is refused. CPU bf16 is not autocast: autocast leaves the recurrent cells, the
+elementwise work and the fused loss in fp32 (1.2x fp32 on a Xeon with AMX); instead the whole forward
+pass runs on bf16 copies of the fp32 weights, made once per step, whose gradients autograd hands back
+to the fp32 masters the optimizer keeps (bench/precision.py: 1.3x at 64 sentences a batch, 2x at 256).
+
+Decoding on the CPU may lower the precision (`decoding.quantize`): int8 weights for the linear and RNN
+layers, or (decoding.quantize_kind bf16, where the CPU has native bf16) the whole model in bf16.
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import warnings
 from contextlib import AbstractContextManager, nullcontext
@@ -63,12 +68,13 @@ def cpu_bf16_flag() -> Optional[str]:
 
 @dataclass(frozen=True)
 class Precision:
-    """How the forward pass runs: autocast to `dtype` (None: plain fp32); `scaled`: fp16 loss scaling;
-    `why`: how it was chosen, for the training log."""
+    """How the forward pass runs: in `dtype` (None: plain fp32), by autocast or, with `cast_weights`, on copies
+    of the weights in `dtype`; `scaled`: fp16 loss scaling; `why`: how it was chosen, for the training log."""
 
     device: torch.device
     dtype: Optional[torch.dtype] = None
     scaled: bool = False
+    cast_weights: bool = False
     why: str = field(default="asked for", compare=False)
 
     @property
@@ -77,9 +83,18 @@ class Precision:
         return names.get(self.dtype, "fp32")
 
     def autocast(self) -> AbstractContextManager:
-        if self.dtype is None:
+        if self.dtype is None or self.cast_weights:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def forward(self, module: torch.nn.Module, *args):
+        """module(*args) in this precision. The weight copies are made by differentiable casts, so each
+        copy's gradient (summed over its uses in `dtype`) reaches its fp32 parameter in fp32."""
+        if not self.cast_weights:
+            with self.autocast():
+                return module(*args)
+        copies = {name: p.to(self.dtype) for name, p in module.named_parameters()}  # tied weights: one copy
+        return torch.func.functional_call(module, copies, args)
 
     def scaler(self) -> torch.amp.GradScaler:
         """A gradient scaler that does nothing unless fp16 needs it."""
@@ -105,20 +120,27 @@ def pick_precision(device: torch.device, requested: str) -> Precision:
     if requested == "auto":
         if flag is None:
             return Precision(device, why=f"auto: {NO_BF16}")
-        return Precision(device, torch.bfloat16, why=f"auto: this CPU has {flag}")
+        return Precision(device, torch.bfloat16, cast_weights=True, why=f"auto: this CPU has {flag}")
     if requested == "fp16":
         raise ConfigError("training.precision fp16 is for CUDA GPUs; on the CPU use fp32 "
                           "(or bf16 where the CPU has it)")
     if flag is None:
         raise ConfigError(f"training.precision bf16: {NO_BF16}, where it runs 20-50x slower than fp32; "
                           "use fp32 or auto")
-    return Precision(device, torch.bfloat16)
+    return Precision(device, torch.bfloat16, cast_weights=True)
 
 
-def quantized(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """An int8 dynamically quantized copy of `model` for CPU inference (torch.ao: nn.Linear, GRU, LSTM)."""
+def quantized(model: torch.nn.Module, device: torch.device, kind: str = "int8") -> torch.nn.Module:
+    """A lower-precision copy of `model` for CPU inference: 'int8', torch's dynamic quantization (nn.Linear, GRU,
+    LSTM), or 'bf16', the whole model in bf16 (only where the CPU has native bf16). On a Xeon with AMX, beam 5
+    of Multi30k: int8 1.73x fp32 at -0.18 BLEU, bf16 1.65x at BLEU equal to fp32's and twice the memory, the
+    oneDNN kernels it builds for each new matrix shape (docs/performance.md). Log-probabilities stay fp32."""
     if device.type != "cpu":
-        raise ConfigError(f"decoding.quantize is int8 inference on the CPU; the model is on {device}")
+        raise ConfigError(f"decoding.quantize is lower-precision inference on the CPU; the model is on {device}")
+    if kind == "bf16":
+        if cpu_bf16_flag() is None:
+            raise ConfigError(f"decoding.quantize_kind bf16: {NO_BF16}, where it runs 20-50x slower; use int8")
+        return copy.deepcopy(model).to(torch.bfloat16)
     if ("fbgemm" not in torch.backends.quantized.supported_engines
             and "x86" not in torch.backends.quantized.supported_engines):
         raise ConfigError("decoding.quantize: this torch build has no x86 quantized engine")

@@ -159,8 +159,7 @@ def build_tokenizers(cfg: Config, src_lines: Iterable[str], tgt_lines: Iterable[
 
 def batch_loss(model, batch, label_smoothing: float, precision: Precision = FP32_CPU) -> torch.Tensor:
     """Summed token cross-entropy of a batch (padding ignored), the forward pass in `precision`."""
-    with precision.autocast():
-        return model(batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out, label_smoothing)
+    return precision.forward(model, batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out, label_smoothing)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:

@@ -54,3 +54,23 @@ def test_model_loss_ignores_padding_and_matches_its_logits(copy):
                            reduction="sum")
     got = model(batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out, label_smoothing=0.1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_inputs_keep_the_statistics_in_fp32():
+    """bf16 features and weights (bf16 training): the products in bf16, the loss in fp32, equal to the fp32 loss
+    of the same bf16-rounded numbers to bf16's product rounding; gradients come back in the inputs' dtype."""
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(700, 32, generator=gen).bfloat16().requires_grad_()
+    weight = (0.3 * torch.randn(900, 32, generator=gen)).bfloat16().requires_grad_()
+    bias = torch.randn(900, generator=gen).bfloat16().requires_grad_()
+    targets = torch.randint(0, 900, (700,), generator=gen)
+    got = linear_cross_entropy(feats, weight, bias, targets, 0.1, chunk=256)
+    got.backward()
+    assert got.dtype == torch.float32
+    assert all(t.grad.dtype == torch.bfloat16 for t in (feats, weight, bias))
+    exact = [t.detach().float().requires_grad_() for t in (feats, weight, bias)]
+    want = F.cross_entropy(F.linear(*exact), targets, label_smoothing=0.1, reduction="sum")
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=0)
+    for g, w in zip((feats.grad, weight.grad, bias.grad), exact):
+        assert F.cosine_similarity(g.float().flatten(), w.grad.flatten(), dim=0) > 0.999

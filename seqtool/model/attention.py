@@ -46,7 +46,7 @@ class Attention(nn.Module):
         else:
             scores = torch.bmm(q, keys.transpose(1, 2))  # (B, T, S)
         scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)  # statistics in fp32 (bf16)
         context = torch.bmm(weights, values)  # (B, T, K)
         if one_step:
             return context.squeeze(1), weights.squeeze(1)

@@ -4,6 +4,10 @@ The (tokens x vocabulary) logits never exist whole: each chunk's logits are made
 and, when a gradient is wanted, into their gradient while still in cache; the backward pass then only
 scales what the forward pass left. On the 12M Multi30k model this removes the separate log-softmax,
 its backward and the full-size temporaries of F.cross_entropy (docs/performance.md).
+
+With bf16 features and weights (bf16 training, device.Precision) the three matrix products run in bf16,
+where AMX makes them 6-8x faster than fp32, while the logits, softmax, loss and the weight gradient's
+sum over chunks stay in fp32: rounding there would bias the loss, not just blur it.
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # needs_input_grad follows requires_grad alone, also under no_grad (validation): ask both.
         want_feats, want_weight, want_bias = (grad_enabled and need for need in ctx.needs_input_grad[:3])
         grad_feats = torch.empty_like(feats) if want_feats else None
-        grad_weight = torch.zeros_like(weight) if want_weight else None
-        grad_bias = torch.zeros_like(cast(torch.Tensor, bias)) if want_bias else None  # no bias: no gradient asked
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        grad_bias = torch.zeros_like(cast(torch.Tensor, bias), dtype=torch.float32) if want_bias else None
         vocab = weight.size(0)
         total = feats.new_zeros((), dtype=torch.float32)
         for start in range(0, feats.size(0), chunk):
             f, t = feats[start:start + chunk], targets[start:start + chunk, None]
-            z = f @ weight.t() if bias is None else torch.addmm(bias, f, weight.t())
+            z = (f @ weight.t() if bias is None else torch.addmm(bias, f, weight.t())).float()
             # Row loss: logsumexp - (1 - s) * z[target] - s / V * sum(z), as F.cross_entropy with label_smoothing s.
             picked = z.gather(1, t).squeeze(1)
             row_sum = z.sum(1) if smoothing else None
@@ -48,16 +52,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if smoothing:
                 grad.sub_(smoothing / vocab)
             grad.scatter_add_(1, t, grad.new_full(t.shape, smoothing - 1.0))
+            if want_bias:
+                assert grad_bias is not None
+                grad_bias += grad.sum(0)
+            grad = grad.to(feats.dtype)  # the products in the inputs' precision
             if want_feats:
                 assert grad_feats is not None
                 torch.mm(grad, weight, out=grad_feats[start:start + chunk])
             if want_weight:
                 assert grad_weight is not None
-                grad_weight.addmm_(grad.t(), f)
-            if want_bias:
-                assert grad_bias is not None
-                grad_bias += grad.sum(0)
-        ctx.save_for_backward(grad_feats, grad_weight, grad_bias)
+                if f.dtype == torch.float32:
+                    grad_weight.addmm_(grad.t(), f)  # no temporary
+                else:
+                    grad_weight += grad.t() @ f
+        # Each gradient in its input's dtype, as autograd expects (a bf16 copy's gradient then reaches the fp32 master).
+        ctx.save_for_backward(grad_feats, None if grad_weight is None else grad_weight.to(weight.dtype),
+                              None if grad_bias is None else grad_bias.to(weight.dtype))
         return total
 
     @staticmethod

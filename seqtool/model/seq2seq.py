@@ -90,7 +90,7 @@ class Seq2Seq(nn.Module):
         feats, state, weights = self.decoder.step(prev, state)
         output = self.output if output is None else output
         if self.copy_gate is None:
-            return torch.log_softmax(output(feats), dim=-1), state, weights
+            return torch.log_softmax(output(feats), dim=-1, dtype=torch.float32), state, weights  # fp32 scores
         assert weights is not None and state.src is not None  # copy_source: context attention; encode kept src
         return self._copy_log_probs(feats, weights, state.per_row(state.src), output), state, weights
 
