@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("--pairs", type=int, default=10_000, help="training pairs read to make batches")
     ap.add_argument("--batches", type=int, default=30, help="batches counted and timed")
-    ap.add_argument("--decode-lines", type=int, default=500, help="validation lines decoded, fp32 and int8")
+    ap.add_argument("--decode-lines", type=int, default=500, help="validation lines decoded, fp32, int8 and bf16")
     args = ap.parse_args()
 
     bundle = load_model(args.model_dir)

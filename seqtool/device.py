@@ -5,9 +5,10 @@ bf16 where the GPU supports it, else fp16 with a gradient scaler. On the CPU, `a
 flags: bf16 where it has native bf16 (AMX's `amx_bf16` matrix units, or `avx512_bf16`), fp32
 elsewhere, as bf16 on a CPU without it was measured 20-50x slower (bench/precision.py measures it on
 yours), and there bf16 is refused. CPU bf16 is not autocast: autocast leaves the recurrent cells, the
-elementwise work and the fused loss in fp32 (1.2x fp32 on a Xeon with AMX); instead the whole forward
-pass runs on bf16 copies of the fp32 weights, made once per step, whose gradients autograd hands back
-to the fp32 masters the optimizer keeps (bench/precision.py: 1.3x at 64 sentences a batch, 2x at 256).
+elementwise work and the fused loss in fp32 (bench/precision.py on a Xeon with AMX: 1.31x fp32 at 64
+sentences a batch); instead the whole forward pass runs on bf16 copies of the fp32 weights, made once
+per step, whose gradients autograd hands back to the fp32 masters the optimizer keeps (1.49x at 64
+sentences, 1.87x at 256; less on real batches, docs/performance.md).
 
 Decoding on the CPU may lower the precision (`decoding.quantize`): int8 weights for the linear and RNN
 layers, or (decoding.quantize_kind bf16, where the CPU has native bf16) the whole model in bf16.
@@ -83,7 +84,7 @@ class Precision:
         return names.get(self.dtype, "fp32")
 
     def autocast(self) -> AbstractContextManager:
-        if self.dtype is None or self.cast_weights:
+        if self.dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 

@@ -6,8 +6,9 @@ scales what the forward pass left. On the 12M Multi30k model this removes the se
 its backward and the full-size temporaries of F.cross_entropy (docs/performance.md).
 
 With bf16 features and weights (bf16 training, device.Precision) the three matrix products run in bf16,
-where AMX makes them 6-8x faster than fp32, while the logits, softmax, loss and the weight gradient's
-sum over chunks stay in fp32: rounding there would bias the loss, not just blur it.
+where AMX makes them 6-8x faster than fp32, while the softmax statistics of the (bf16-rounded) logits,
+the loss and the weight gradient's sum over chunks are fp32: rounding there would bias the loss, not
+just blur it.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_weight += grad.t() @ f
         # Each gradient in its input's dtype, as autograd expects (a bf16 copy's gradient then reaches the fp32 master).
         ctx.save_for_backward(grad_feats, None if grad_weight is None else grad_weight.to(weight.dtype),
-                              None if grad_bias is None else grad_bias.to(weight.dtype))
+                              None if grad_bias is None else grad_bias.to(cast(torch.Tensor, bias).dtype))
         return total
 
     @staticmethod
