@@ -18,6 +18,9 @@ from typing import Optional, cast
 import torch
 
 CHUNK = 512  # rows per chunk: 512 x 8000 fp32 logits = 16 MB; smaller chunks made the matrix products slower
+# bf16 chunks are padded to a multiple of this many rows: oneDNN builds a kernel for every new shape (about
+# 3 ms each on AMX, and memory it keeps), and the last chunk's row count is new in almost every batch.
+ROWS = 64
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -33,6 +36,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = feats.new_zeros((), dtype=torch.float32)
         for start in range(0, feats.size(0), chunk):
             f, t = feats[start:start + chunk], targets[start:start + chunk, None]
+            rows, pad = f.size(0), (-f.size(0) % ROWS if f.dtype != torch.float32 else 0)
+            if pad:  # zero rows with target 0: their loss is left out and their gradient rows zeroed
+                f, t = torch.nn.functional.pad(f, (0, 0, 0, pad)), torch.nn.functional.pad(t, (0, 0, 0, pad))
             z = (f @ weight.t() if bias is None else torch.addmm(bias, f, weight.t())).float()
             # Row loss: logsumexp - (1 - s) * z[target] - s / V * sum(z), as F.cross_entropy with label_smoothing s.
             picked = z.gather(1, t).squeeze(1)
@@ -45,7 +51,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if smoothing:
                 assert row_sum is not None
                 loss = loss - smoothing / vocab * row_sum
-            total += loss.sum()
+            total += loss[:rows].sum()
             if not (want_feats or want_weight or want_bias):
                 continue
             # d loss / d z = softmax - (1 - s) * onehot(target) - s / V
@@ -53,13 +59,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if smoothing:
                 grad.sub_(smoothing / vocab)
             grad.scatter_add_(1, t, grad.new_full(t.shape, smoothing - 1.0))
+            if pad:
+                grad[rows:] = 0.0
             if want_bias:
                 assert grad_bias is not None
                 grad_bias += grad.sum(0)
             grad = grad.to(feats.dtype)  # the products in the inputs' precision
             if want_feats:
                 assert grad_feats is not None
-                torch.mm(grad, weight, out=grad_feats[start:start + chunk])
+                if pad:
+                    grad_feats[start:start + rows] = (grad @ weight)[:rows]
+                else:
+                    torch.mm(grad, weight, out=grad_feats[start:start + chunk])
             if want_weight:
                 assert grad_weight is not None
                 if f.dtype == torch.float32:
