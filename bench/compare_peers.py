@@ -1,12 +1,11 @@
 """seqtool next to Joey NMT and OpenNMT-py on Multi30k de-en, in one run on this machine.
 
 Trains configs/multi30k_deen.yaml for MINUTES, decodes test2016 greedy and beam 5 (batch 64) with the
-whole vocabulary in fp32 and fast (int8 weights + vocabulary shortlist; also in bf16 where the CPU has native
-bf16), then trains and decodes both
-peers with ../shared/peers' scripts and the same budget, and prints a table of throughput, BLEU and memory
-with ratios (seqtool / peer). Jobs run one at a time. `--seqtool NAME:KEY=VALUE,...` trains one seqtool
-model per option with those config overrides (default: one, "fp32", training.precision=fp32), each for
-MINUTES and decoded the same way.
+whole vocabulary in fp32 and fast (int8 weights + vocabulary shortlist; also in bf16 where the CPU has
+native bf16), then trains and decodes both peers with ../shared/peers' scripts and the same budget, and
+prints a table of throughput, BLEU and memory with ratios (seqtool / peer). Jobs run one at a time.
+`--seqtool NAME:KEY=VALUE,...` trains one seqtool model per option with those config overrides (default:
+one, "fp32", training.precision=fp32), each for MINUTES and decoded the same way.
 
     python bench/compare_peers.py --minutes 20            # about 70 minutes in all
     python bench/compare_peers.py --minutes 3 --skip-peers
@@ -79,8 +78,15 @@ BF16 = ("--quantize", "--set", "decoding.quantize_kind=bf16")
 VARIANTS = {"fp32": ("--shortlist", "0", "--no-quantize"), "int8": ("--shortlist", "0", "--quantize"),
             "bf16": ("--shortlist", "0", *BF16), "shortlist": ("--shortlist", "10", "--no-quantize"),
             "fast": ("--shortlist", "10", "--quantize"), "fast-bf16": ("--shortlist", "10", *BF16)}
+
+
+def runnable(variant: str) -> bool:
+    """Whether this CPU runs the decoding variant: bf16 is refused without native bf16 (20-50x slower there)."""
+    return "bf16" not in variant or cpu_bf16_flag() is not None
+
+
 # What the comparison decodes each model with: fp32, fast, and fast in bf16 where the CPU has native bf16.
-DECODED = ("fp32", "fast", "fast-bf16") if cpu_bf16_flag() else ("fp32", "fast")
+DECODED = tuple(filter(runnable, ("fp32", "fast", "fast-bf16")))
 
 
 def seqtool_decode(out: Path, model_dir: str, beam: int, extra: tuple[str, ...] = (), label: str = "") -> dict:

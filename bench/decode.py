@@ -16,9 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from compare_peers import ROOT, VARIANTS, seqtool_decode
-
-from seqtool.device import cpu_bf16_flag
+from compare_peers import ROOT, VARIANTS, runnable, seqtool_decode
 
 
 def main() -> None:
@@ -30,8 +28,8 @@ def main() -> None:
     rows = []
     for beam in (1, 5):
         for label, flags in VARIANTS.items():
-            if "bf16" in " ".join(flags) and cpu_bf16_flag() is None:
-                continue  # refused there: bf16 without native bf16 is 20-50x slower
+            if not runnable(label):
+                continue
             row = {"variant": label, **seqtool_decode(args.out, args.model_dir, beam, flags, f".{label}")}
             rows.append(row)
             with open(args.out / "results.jsonl", "a") as f:

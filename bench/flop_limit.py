@@ -31,10 +31,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from seqtool.checkpoint import load_model
 from seqtool.data import encode_pairs, epoch_batches, make_batch, read_pairs
 from seqtool.device import FP32_CPU as FP32
-from seqtool.device import Precision, cpu_bf16_flag, cpu_flags
+from seqtool.device import Precision, cpu_bf16_flag, cpu_flags, pick_precision
 from seqtool.train import batch_loss, make_optimizer
 
-CPU = torch.device("cpu")
 KINDS = ("fp32", "bf16", "int8")
 UNITS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
 
@@ -106,7 +105,7 @@ def main() -> None:
     kinds = ("fp32", "bf16") if cpu_bf16_flag() else ("fp32",)
     seconds = {}
     for kind in kinds:
-        precision = FP32 if kind == "fp32" else Precision(CPU, torch.bfloat16, cast_weights=True)
+        precision = pick_precision(torch.device("cpu"), kind)  # what training.precision KIND runs
         for batch in batches[:2]:
             step(batch, precision)  # warm-up
         start = time.perf_counter()
@@ -153,8 +152,11 @@ def decode_rates(model_dir: Path, cfg, n: int) -> dict[str, tuple[int, int, floa
 
     lines = Path(cfg.data.valid_src).read_text(encoding="utf-8").splitlines()[:n]
     rates, work = {}, 0
-    for kind in ("fp32", "int8", "bf16") if cpu_bf16_flag() else ("fp32", "int8"):
-        sets = [f"decoding.quantize={kind != 'fp32'}", f"decoding.quantize_kind={'bf16' if kind == 'bf16' else 'int8'}"]
+    kinds = {"fp32": ["decoding.quantize=false"], "int8": ["decoding.quantize=true"],
+             "bf16": ["decoding.quantize=true", "decoding.quantize_kind=bf16"]}
+    for kind, sets in kinds.items():
+        if kind == "bf16" and cpu_bf16_flag() is None:
+            continue  # refused without native bf16
         translator = _translator(model_dir, [*sets, "decoding.beam_size=5"], {}, quiet=True)
         if kind == "fp32":  # counting doubles as its warm-up
             counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_flops})
