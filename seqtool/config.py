@@ -90,6 +90,9 @@ class TrainingConfig(Section):
     model_dir: str = "runs/model"
     seed: int = 42
     batch_tokens: int = Field(default=2000, gt=0, description="padded target tokens per batch")
+    batch_sentences: int = Field(
+        default=0, ge=0, description="sentences per batch instead of batch_tokens (Joey NMT's and OpenNMT-py's "
+                                     "sentence batches); 0 = a token budget")
     lr: float = Field(default=1e-3, gt=0.0, le=10.0)
     schedule: Literal["constant", "plateau", "inverse_sqrt"] = "constant"
     warmup_steps: int = Field(default=1000, ge=0)

@@ -151,11 +151,14 @@ def make_batch(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]]) -> Ba
     )
 
 
-def bucket_batches(src_lens: Sequence[int], tgt_lens: Sequence[int], batch_tokens: int, seed: int) -> list[list[int]]:
-    """Group example indices into batches of about `batch_tokens` padded tokens, shuffled by `seed`.
+def bucket_batches(src_lens: Sequence[int], tgt_lens: Sequence[int], batch_tokens: int, seed: int,
+                   sentences: int = 0) -> list[list[int]]:
+    """Group example indices into batches of about `batch_tokens` padded tokens, or of exactly `sentences`
+    examples (the last batch may hold fewer) when that is set, shuffled by `seed`.
 
     Examples are sorted by length (ties broken at random) so each batch holds similar lengths and
-    little padding; the batch order is then shuffled.
+    little padding; the batch order is then shuffled. A fixed sentence count gives far fewer matrix shapes
+    than a token budget: on the CPU in bf16, oneDNN builds and keeps a kernel for each new shape.
     """
     rng = random.Random(seed)
     noise = [rng.random() for _ in src_lens]
@@ -165,7 +168,8 @@ def bucket_batches(src_lens: Sequence[int], tgt_lens: Sequence[int], batch_token
     longest = 0
     for i in order:
         n = max(src_lens[i], tgt_lens[i] + 1)
-        if current and max(longest, n) * (len(current) + 1) > batch_tokens:
+        full = len(current) == sentences if sentences else max(longest, n) * (len(current) + 1) > batch_tokens
+        if current and full:
             batches.append(current)
             current, longest = [], 0
         current.append(i)
@@ -176,5 +180,6 @@ def bucket_batches(src_lens: Sequence[int], tgt_lens: Sequence[int], batch_token
     return batches
 
 
-def epoch_batches(examples: Examples, batch_tokens: int, seed: int) -> list[list[int]]:
-    return bucket_batches([len(s) for s in examples.src], [len(t) for t in examples.tgt], batch_tokens, seed)
+def epoch_batches(examples: Examples, batch_tokens: int, seed: int, sentences: int = 0) -> list[list[int]]:
+    return bucket_batches([len(s) for s in examples.src], [len(t) for t in examples.tgt], batch_tokens, seed,
+                          sentences)

@@ -129,7 +129,7 @@ class ShardStream:
         """One pass over the encoded pairs, shards in a fixed order (for counting, not training)."""
         return self._encoded(random.Random(0), Counts())
 
-    def batches(self, batch_tokens: int, seed: int, counts: Counts) -> Iterator[Examples]:
+    def batches(self, batch_tokens: int, seed: int, counts: Counts, sentences: int = 0) -> Iterator[Examples]:
         """One epoch's batches; `counts` is filled in as the stream is read."""
         rng = random.Random(seed)
         pairs = shuffled(self._encoded(rng, counts), self.buffer, rng)
@@ -138,6 +138,6 @@ class ShardStream:
             if not pool:
                 return
             pool_ex = Examples([s for s, _ in pool], [t for _, t in pool])
-            for idx in epoch_batches(pool_ex, batch_tokens, rng.randrange(1 << 30)):
+            for idx in epoch_batches(pool_ex, batch_tokens, rng.randrange(1 << 30), sentences):
                 yield pool_ex.subset(idx)
 

@@ -231,8 +231,8 @@ class Trainer:
         t = self.cfg.training
         if isinstance(self.train, ShardStream):
             self.counts = Counts()
-            return self.train.batches(t.batch_tokens, t.seed + epoch, self.counts), None
-        batches = epoch_batches(self.train, t.batch_tokens, seed=t.seed + epoch)
+            return self.train.batches(t.batch_tokens, t.seed + epoch, self.counts, t.batch_sentences), None
+        batches = epoch_batches(self.train, t.batch_tokens, seed=t.seed + epoch, sentences=t.batch_sentences)
         return (self.train.subset(idx) for idx in batches), len(batches)
 
     def end_epoch(self) -> None:

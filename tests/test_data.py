@@ -58,3 +58,16 @@ def test_bucket_batches_cover_each_example_once_within_budget(lens, budget, seed
         width = max(max(src[i], tgt[i] + 1) for i in b)
         assert len(b) == 1 or width * len(b) <= budget
     assert batches == bucket_batches(src, tgt, budget, seed)  # same seed, same epoch
+
+
+@given(st.lists(st.tuples(st.integers(1, 60), st.integers(1, 60)), min_size=1, max_size=300),
+       st.integers(1, 80), st.integers(0, 5))
+def test_sentence_batches_hold_exactly_that_many_sorted_by_length(lens, sentences, seed):
+    src, tgt = [s for s, _ in lens], [t for _, t in lens]
+    batches = bucket_batches(src, tgt, 1, seed, sentences=sentences)  # the token budget is not used
+    assert sorted(i for b in batches for i in b) == list(range(len(lens)))
+    assert sorted(len(b) for b in batches)[1:] == [sentences] * (len(batches) - 1)  # only one batch may be short
+    assert len(batches) == -(-len(lens) // sentences)
+    # Length buckets: the batches, taken in length order, never overlap in target length.
+    spans = sorted((min(tgt[i] for i in b), max(tgt[i] for i in b)) for b in batches)
+    assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))

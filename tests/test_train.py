@@ -35,6 +35,14 @@ def test_resumed_run_matches_uninterrupted_run_bitwise(tmp_path):
     assert (tmp_path / "b" / "metrics.jsonl").read_text() .count("\n") == 2
 
 
+def test_batch_sentences_gives_the_trainer_batches_of_that_many_sentences(tmp_path):
+    cfg = validate(tiny_config(tmp_path / "m", training={**SMALL, "batch_sentences": 7}))
+    trainer = prepare(cfg, Reporter(quiet=True), False)
+    batches, count = trainer.epoch_batches(0)
+    sizes = sorted(len(b) for b in batches)
+    assert count == len(sizes) and sizes[1:] == [7] * (len(sizes) - 1) and sum(sizes) == len(trainer.train)
+
+
 def _scaled_run(model_dir, max_steps: int, resume: bool = False):
     """Train with loss scaling (fp16's GradScaler; torch has one on the CPU too, in fp32) up to max_steps."""
     scaled = Precision(torch.device("cpu"), scaled=True)

@@ -1,0 +1,95 @@
+"""Token-budget against fixed-sentence batches: training speed and peak memory on real Multi30k batches.
+
+On the CPU in bf16, oneDNN builds (and keeps) a kernel for each new matrix shape; a token budget gives
+every batch its own sentence count, so shapes, and memory, keep growing. Each variant trains the
+Multi30k model for `--steps` steps from the same start in its own process (peak RSS is per process);
+the table gives sentences/s and peak RSS with ratios against the first variant, measured in one run.
+
+    python bench/batch_shapes.py                          # bf16 where the CPU has it, then fp32
+    python bench/batch_shapes.py --steps 100 --sentences 64 --precisions fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "multi30k"
+
+WORKER = r"""
+import json, resource, sys, time
+import torch
+from seqtool import train
+from seqtool.config import load_config
+from seqtool.data import encode_pairs, epoch_batches, make_batch, read_pairs
+from seqtool.device import pick_precision
+from seqtool.model.seq2seq import build_model
+from seqtool.tokenizer import Tokenizer
+
+config, data, tok_path, precision, sentences, steps = sys.argv[1:7]
+cfg = load_config(config)
+tok = Tokenizer.from_file(tok_path)
+src, tgt = read_pairs(f"{data}/train.de", f"{data}/train.en")
+ex = encode_pairs(src, tgt, tok, tok, cfg.data.max_src_len, cfg.data.max_tgt_len)
+torch.manual_seed(1)
+model = build_model(cfg.model, tok.vocab_size, tok.vocab_size).train()
+opt = train.make_optimizer(model, cfg.training.lr)
+prec = pick_precision(torch.device("cpu"), precision)
+batches = epoch_batches(ex, cfg.training.batch_tokens, seed=1, sentences=int(sentences))[: int(steps)]
+sents, start = 0, time.perf_counter()
+for idx in batches:
+    part = ex.subset(idx)
+    b = make_batch(part.src, part.tgt)
+    loss = train.batch_loss(model, b, cfg.training.label_smoothing, prec) / b.n_tgt_tokens
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.clip_grad_norm)
+    opt.step()
+    sents += b.size
+elapsed = time.perf_counter() - start
+print(json.dumps({"sent_s": sents / elapsed, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "loss": loss.item()}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "multi30k_deen.yaml")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--sentences", type=int, default=64, help="sentences per batch of the fixed variant")
+    ap.add_argument("--precisions", default="", help="comma-separated (default: bf16 where native, and fp32)")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from seqtool.config import load_config
+    from seqtool.data import read_lines
+    from seqtool.device import cpu_bf16_flag
+    from seqtool.tokenizer import train_tokenizer
+
+    precisions = args.precisions.split(",") if args.precisions else (["bf16"] if cpu_bf16_flag() else []) + ["fp32"]
+    cfg = load_config(args.config)
+    tok_path = ROOT / "runs" / "bench_batch_shapes" / "spm.model"
+    if not tok_path.exists():
+        tok_path.parent.mkdir(parents=True, exist_ok=True)
+        lines = read_lines(DATA / "train.de") + read_lines(DATA / "train.en")
+        tok_path.write_bytes(train_tokenizer(lines, cfg.tokenizer).model_bytes)
+    print(f"{args.config.name}, {args.steps} steps from the same start, one process each\n")
+    print("| precision | batches | sentences/s | peak RSS | vs token budget: speed, RSS |\n|---|---|---:|---:|---|")
+    for precision in precisions:
+        base = None
+        for label, sentences in ((f"{cfg.training.batch_tokens} tokens", 0), (f"{args.sentences} sentences",
+                                                                              args.sentences)):
+            out = subprocess.run([sys.executable, "-c", WORKER, str(args.config), str(DATA), str(tok_path), precision,
+                                  str(sentences), str(args.steps)], cwd=ROOT, check=True, capture_output=True,
+                                 text=True).stdout
+            r = json.loads(out.splitlines()[-1])
+            base = base or r
+            print(f"| {precision} | {label} | {r['sent_s']:.1f} | {r['rss_mb']:,.0f} MB | "
+                  f"{r['sent_s'] / base['sent_s']:.2f}x, {r['rss_mb'] / base['rss_mb']:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
