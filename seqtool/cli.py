@@ -623,8 +623,8 @@ def main() -> None:
     except Exception as exc:  # a seqtool bug: one line for the user, the traceback on request
         if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
                 "can't allocate memory" in str(exc):  # Python's, torch's CUDA one, torch's CPU allocator's
-            _err("error: out of memory; use smaller batches (training.batch_tokens or batch_sentences, decoding.batch_size or "
-                 "--batch-size) or a smaller model")
+            _err("error: out of memory; use smaller batches (training.batch_tokens or batch_sentences, "
+                 "decoding.batch_size or --batch-size) or a smaller model")
             sys.exit(1)
         if os.environ.get("SEQTOOL_TRACEBACK"):
             raise
