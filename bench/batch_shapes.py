@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "multi30k"
 
 WORKER = r"""
 import json, resource, sys, time
@@ -30,13 +29,13 @@ from seqtool.device import pick_precision
 from seqtool.model.seq2seq import build_model
 from seqtool.tokenizer import Tokenizer
 
-config, data, tok_path, precision, sentences, steps = sys.argv[1:7]
+config, tok_dir, precision, sentences, steps = sys.argv[1:6]
 cfg = load_config(config)
-tok = Tokenizer.from_file(tok_path)
-src, tgt = read_pairs(f"{data}/train.de", f"{data}/train.en")
-ex = encode_pairs(src, tgt, tok, tok, cfg.data.max_src_len, cfg.data.max_tgt_len)
+src_tok, tgt_tok = (Tokenizer.from_file(f"{tok_dir}/{side}.model") for side in ("src", "tgt"))
+src, tgt = read_pairs(cfg.data.train_src, cfg.data.train_tgt)
+ex = encode_pairs(src, tgt, src_tok, tgt_tok, cfg.data.max_src_len, cfg.data.max_tgt_len)
 torch.manual_seed(1)
-model = build_model(cfg.model, tok.vocab_size, tok.vocab_size).train()
+model = build_model(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size).train()
 opt = train.make_optimizer(model, cfg.training.lr)
 prec = pick_precision(torch.device("cpu"), precision)
 batches = epoch_batches(ex, cfg.training.batch_tokens, seed=1, sentences=int(sentences))[: int(steps)]
@@ -65,25 +64,27 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from seqtool.config import load_config
-    from seqtool.data import read_lines
+    from seqtool.data import read_pairs
     from seqtool.device import cpu_bf16_flag
-    from seqtool.tokenizer import train_tokenizer
+    from seqtool.train import build_tokenizers
 
     precisions = args.precisions.split(",") if args.precisions else (["bf16"] if cpu_bf16_flag() else []) + ["fp32"]
     cfg = load_config(args.config)
-    tok_path = ROOT / "runs" / "bench_batch_shapes" / "spm.model"
-    if not tok_path.exists():
-        tok_path.parent.mkdir(parents=True, exist_ok=True)
-        lines = read_lines(DATA / "train.de") + read_lines(DATA / "train.en")
-        tok_path.write_bytes(train_tokenizer(lines, cfg.tokenizer).model_bytes)
+    # The config's data and tokenizer (paths relative to the repository root), trained once for all rows.
+    tok_dir = ROOT / "runs" / "bench_batch_shapes" / args.config.stem
+    if not (tok_dir / "tgt.model").exists():
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        pairs = read_pairs(cfg.data.train_src, cfg.data.train_tgt)
+        for side, tok in zip(("src", "tgt"), build_tokenizers(cfg, *pairs)):
+            (tok_dir / f"{side}.model").write_bytes(tok.model_bytes)
     print(f"{args.config.name}, {args.steps} steps from the same start, one process each\n")
     print("| precision | batches | sentences/s | peak RSS | vs token budget: speed, RSS |\n|---|---|---:|---:|---|")
     for precision in precisions:
         base = None
         for label, sentences in ((f"{cfg.training.batch_tokens} tokens", 0), (f"{args.sentences} sentences",
                                                                               args.sentences)):
-            out = subprocess.run([sys.executable, "-c", WORKER, str(args.config), str(DATA), str(tok_path), precision,
-                                  str(sentences), str(args.steps)], cwd=ROOT, check=True, capture_output=True,
+            argv = [str(args.config), str(tok_dir), precision, str(sentences), str(args.steps)]
+            out = subprocess.run([sys.executable, "-c", WORKER, *argv], cwd=ROOT, check=True, capture_output=True,
                                  text=True).stdout
             r = json.loads(out.splitlines()[-1])
             base = base or r
