@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from seqtool.errors import ConfigError, SeqtoolError, one_line
+from seqtool.metrics import METRICS
 
 app = typer.Typer(
     help="Train, run and score RNN sequence-to-sequence models for text.\n\n"
@@ -362,7 +363,7 @@ def evaluate(
     batch_size: Optional[int] = BatchOpt,
     length_penalty: Optional[float] = LpOpt,
     metrics: str = typer.Option("bleu,chrf", "--metrics",
-                                help="Comma-separated: bleu, chrf, bleu_char, rouge, couplet."),
+                                help=f"Comma-separated: {', '.join(METRICS)}."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of text."),
     device: Optional[str] = DeviceOpt,
     quantize: Optional[bool] = QuantizeOpt,

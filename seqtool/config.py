@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from seqtool.errors import ConfigError
+from seqtool.metrics import METRICS
 
 DEVICE = r"^(auto|cpu|cuda(:\d+)?)$"
 SHORTLIST_TABLE = 100  # associated target tokens a model file keeps per source token (decoding.shortlist's most)
@@ -105,9 +106,14 @@ class TrainingConfig(Section):
     max_steps: int = Field(default=0, ge=0, description="0 means no limit")
     max_minutes: float = Field(default=0.0, ge=0.0, description="wall-clock budget; 0 means no limit")
     valid_every: int = Field(default=500, gt=0)
-    valid_max_sentences: int = Field(default=0, ge=0, description="decode only this many dev lines for BLEU; 0 = all")
-    keep_best_by: Literal["bleu", "rouge", "loss"] = Field(
-        default="bleu", description="dev-set score that picks model.safetensors; rouge = mean of ROUGE-1/2/L F1")
+    valid_max_sentences: int = Field(
+        default=0, ge=0, description="decode only this many dev lines for the dev scores; 0 = all")
+    valid_metrics: list[str] = Field(
+        default=["bleu"], description="scores of the greedy dev-set decode logged at each validation (names as in "
+                                      "seqtool evaluate --metrics)")
+    keep_best_by: str = Field(
+        default="bleu", description="dev-set score that picks model.safetensors: loss, or a metric (bleu, chrf, "
+                                    "bleu_char, rouge = mean of ROUGE-1/2/L F1); computed whether listed or not")
     keep_last: int = Field(
         default=0, ge=0, le=1000, description="also keep the models of the last N validations (seqtool average)")
     patience: int = Field(default=10, ge=0, description="validations without improvement before stopping; 0 = never")
@@ -120,6 +126,23 @@ class TrainingConfig(Section):
                     "(amx_bf16, avx512_bf16: the forward pass on bf16 copies of the fp32 weights), else fp32")
     on_nan: Literal["skip", "stop"] = Field(
         default="skip", description="a batch whose loss is NaN/inf: skip it, or stop training")
+
+    @field_validator("valid_metrics")
+    @classmethod
+    def _known_metrics(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in METRICS]
+        if unknown:
+            raise ValueError(f"training.valid_metrics: unknown {', '.join(map(repr, unknown))}; choose from "
+                             f"{', '.join(METRICS)}")
+        return names
+
+    @field_validator("keep_best_by")
+    @classmethod
+    def _selecting_metric(cls, name: str) -> str:
+        choices = ["loss", *(n for n, m in METRICS.items() if m.selects)]
+        if name not in choices:
+            raise ValueError(f"training.keep_best_by {name!r}: choose from {', '.join(choices)}")
+        return name
 
 
 class DecodingConfig(Section):

@@ -4,7 +4,8 @@ Definitions (also in docs/metrics.md):
 - bleu / chrf: sacrebleu corpus scores (BLEU 13a, cased); several references are used jointly.
 - bleu_char: sacrebleu BLEU with tokenize=none on text split into single characters (couplets).
 - rouge1 / rouge2 / rougeL: rouge-score F1 with stemming, mean over examples; with several
-  references, the best F1 over the references for each example.
+  references, the best F1 over the references for each example. As a checkpoint picker, rouge is
+  their mean.
 - couplet: BLEU-1/2/4 on characters, chrF, and what a reader checks of a lower line against its upper
   line (positions are characters, spaces ignored; tones from seqtool.hanzi):
   - exact_length: share of outputs with as many characters as their source.
@@ -24,16 +25,12 @@ Definitions (also in docs/metrics.md):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
-import sacrebleu
-
 from seqtool.errors import DataError
 from seqtool.hanzi import NONE, is_punct, opposite, repetition_pattern, tone
-
-METRICS = ("bleu", "chrf", "bleu_char", "rouge", "couplet")
 
 
 @dataclass
@@ -54,6 +51,8 @@ def _content(chars: list[str]) -> list[int]:
 
 def _bleu_chars(name: str, hyps: Sequence[str], refs: Sequence[Sequence[str]], order: int = 4) -> Score:
     """BLEU up to `order`-grams on single characters (spaces dropped: 春风 and 春 风 score the same)."""
+    import sacrebleu
+
     metric = sacrebleu.BLEU(tokenize="none", max_ngram_order=order, force=True)
     h, r = [" ".join(_chars(x)) for x in hyps], [[" ".join(_chars(x)) for x in rs] for rs in refs]
     return Score(name, metric.corpus_score(h, r).score, str(metric.get_signature()))
@@ -113,37 +112,81 @@ def rouge_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> list[Sco
     return [Score(k, 100.0 * totals[k] / max(len(hyps), 1), sig) for k in kinds]
 
 
-def score(hyps: Sequence[str], refs: Sequence[Sequence[str]], metrics: Sequence[str] = ("bleu", "chrf"),
-          srcs: Optional[Sequence[str]] = None) -> list[Score]:
-    """Score `hyps` against one or more reference sets (each line-aligned with hyps)."""
-    for name in metrics:
+def _sacrebleu(name: str) -> Callable[..., list[Score]]:
+    def compute(hyps: Sequence[str], refs: Sequence[Sequence[str]], srcs: Optional[Sequence[str]]) -> list[Score]:
+        import sacrebleu  # imported when scoring: `seqtool translate` starts faster without it
+
+        metric = sacrebleu.BLEU(force=True) if name == "bleu" else sacrebleu.CHRF()
+        return [Score(name, metric.corpus_score(list(hyps), [list(rs) for rs in refs]).score,
+                      str(metric.get_signature()))]
+    return compute
+
+
+def _couplet(hyps: Sequence[str], refs: Sequence[Sequence[str]], srcs: Optional[Sequence[str]]) -> list[Score]:
+    assert srcs is not None  # score() checks needs_source
+    return ([_bleu_chars(f"bleu_{order}", hyps, refs, order) for order in (1, 2, 4)]
+            + _sacrebleu("chrf")(hyps, refs, srcs) + couplet_scores(hyps, srcs))
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One scorer, known by its name to `seqtool evaluate --metrics`, training.valid_metrics and
+    training.keep_best_by, and `seqtool plot`. It scores hypotheses against one or more line-aligned
+    reference sets (and the sources, when `needs_source`) and yields one or more Scores."""
+    compute: Callable[[Sequence[str], Sequence[Sequence[str]], Optional[Sequence[str]]], list[Score]]
+    title: str
+    # Whether the mean of its scores can pick a checkpoint (training.keep_best_by), higher being better. The
+    # couplet checks cannot: they mix directions (echo_rate is better lower) and are not one quality.
+    selects: bool = True
+    needs_source: bool = False
+
+
+METRICS: dict[str, Metric] = {
+    "bleu": Metric(_sacrebleu("bleu"), "BLEU"),
+    "chrf": Metric(_sacrebleu("chrf"), "chrF"),
+    "bleu_char": Metric(lambda hyps, refs, srcs: [_bleu_chars("bleu_char", hyps, refs)], "character BLEU"),
+    "rouge": Metric(lambda hyps, refs, srcs: rouge_scores(hyps, refs), "ROUGE-1/2/L mean"),
+    "couplet": Metric(_couplet, "couplet checks", selects=False, needs_source=True),
+}
+
+
+def check_names(names: Sequence[str]) -> None:
+    """DataError naming the first unknown metric."""
+    for name in names:
         if name not in METRICS:
             raise DataError(f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
+
+
+def score(hyps: Sequence[str], refs: Sequence[Sequence[str]], metrics: Sequence[str] = ("bleu", "chrf"),
+          srcs: Optional[Sequence[str]] = None) -> list[Score]:
+    """Score `hyps` against one or more reference sets (each line-aligned with hyps); each score once, in the
+    order the metrics name them (couplet's chrF is not repeated after chrf)."""
+    check_names(metrics)
     for ref_set in refs:
         if len(ref_set) != len(hyps):
             raise DataError(f"{len(hyps)} hypotheses but {len(ref_set)} references; they must be line-aligned")
-    out: list[Score] = []
+    out: dict[str, Score] = {}
     for name in metrics:
-        if name in ("bleu", "chrf"):
-            metric = sacrebleu.BLEU(force=True) if name == "bleu" else sacrebleu.CHRF()
-            out.append(Score(name, metric.corpus_score(list(hyps), [list(rs) for rs in refs]).score,
-                             str(metric.get_signature())))
-        elif name == "bleu_char":
-            out.append(_bleu_chars(name, hyps, refs))
-        elif name == "rouge":
-            out += rouge_scores(hyps, refs)
-        elif name == "couplet":
-            if srcs is None or len(srcs) != len(hyps):
-                raise DataError("couplet metrics need the source lines (--src), line-aligned with the output")
-            out += [_bleu_chars(f"bleu_{order}", hyps, refs, order) for order in (1, 2, 4)]
-            out += [] if "chrf" in metrics else score(hyps, refs, ("chrf",))
-            out += couplet_scores(hyps, srcs)
+        metric = METRICS[name]
+        if metric.needs_source and (srcs is None or len(srcs) != len(hyps)):
+            raise DataError(f"{name} metrics need the source lines (--src), line-aligned with the output")
+        for s in metric.compute(hyps, refs, srcs):
+            out.setdefault(s.name, s)
+    return list(out.values())
+
+
+def logged(names: Sequence[str], hyps: Sequence[str], refs: Sequence[str], srcs: Sequence[str]) -> dict[str, float]:
+    """A validation line's scores, rounded: valid_NAME for each selecting metric (the mean of its scores:
+    ROUGE-1/2/L), and valid_SCORE for each score of a metric that gives several (rouge1, tone_match, ...)."""
+    out = {}
+    for name in dict.fromkeys(names):
+        metric = METRICS[name]
+        scores = metric.compute(hyps, [refs], srcs)
+        if metric.selects:
+            out[f"valid_{name}"] = round(sum(s.value for s in scores) / len(scores), 2)
+        if len(scores) > 1:
+            out.update((f"valid_{s.name}", round(s.value, 2)) for s in scores)
     return out
-
-
-def rouge_mean(hyps: list[str], refs: list[str]) -> float:
-    """Mean of ROUGE-1/2/L F1: one number to pick a summarization checkpoint by."""
-    return sum(s.value for s in rouge_scores(hyps, [refs])) / 3
 
 
 def bleu(hyps: list[str], refs: list[str]) -> float:

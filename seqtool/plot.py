@@ -8,12 +8,12 @@ from pathlib import Path
 
 from seqtool.checkpoint import atomic_write
 from seqtool.errors import DataError, SeqtoolError
+from seqtool.metrics import METRICS
 
-# (panel title, metrics.jsonl keys drawn in it)
+# (panel title, metrics.jsonl keys drawn in it); a panel per dev-set metric the runs logged follows
 PANELS = [
     ("loss", ("train_loss", "valid_loss")),
     ("validation perplexity", ("valid_ppl",)),
-    ("validation BLEU (greedy)", ("valid_bleu",)),
     ("learning rate", ("lr",)),
 ]
 X_AXES = {"step": ("step", "step"), "time": ("time_s", "minutes")}
@@ -70,12 +70,19 @@ def _save(fig, out: Path) -> None:
 
 
 def plot_curves(runs: Sequence[Path], out: Path, x: str = "step") -> None:
-    """One figure of loss, perplexity, BLEU and learning rate against steps or minutes; one line style per run."""
+    """One figure of loss, perplexity, learning rate and each dev-set metric logged (BLEU, ...) against steps or
+    minutes; one colour per run."""
     plt = _pyplot()
     key, label = X_AXES[x]
     histories = [(run.name or str(run), read_metrics(run)) for run in runs]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
-    for ax, (title, keys) in zip(axes.flat, PANELS):
+    logged = {k for _, records in histories for r in records for k in r}
+    panels = PANELS + [(f"validation {m.title} (greedy)", (f"valid_{name}",)) for name, m in METRICS.items()
+                       if f"valid_{name}" in logged]
+    rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(10, 3.5 * rows), constrained_layout=True, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, keys) in zip(axes.flat, panels):
         for run_index, (name, records) in enumerate(histories):
             for key_index, metric in enumerate(keys):
                 points = [(r[key] / (60 if x == "time" else 1), r[metric]) for r in records if metric in r]

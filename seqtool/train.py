@@ -36,7 +36,7 @@ from seqtool.data import Examples, encode_pairs, epoch_batches, make_batch, read
 from seqtool.device import FP32_CPU, Precision, pick_device, pick_precision, release_freed_memory
 from seqtool.distributed import Ranks, all_reduce, init_from_env, main_does, my_share, rank_device, shutdown
 from seqtool.errors import ConfigError, DataError, ModelFileError, SeqtoolError
-from seqtool.metrics import bleu, rouge_mean
+from seqtool.metrics import logged
 from seqtool.model.seq2seq import build_model
 from seqtool.progress import Reporter
 from seqtool.shards import Counts, ShardStream, read_shards, shard_pairs, side_lines
@@ -288,16 +288,16 @@ class Trainer:
         if self.valid is not None:
             release_freed_memory()  # the training steps' free blocks, so the decoder's own need not stack on them
             loss, ppl = validation_loss(model, self.valid, t.batch_tokens)
-            n = t.valid_max_sentences or len(self.valid_src)
-            # Greedy over the whole vocabulary: the dev score measures the model, not the decoding shortcuts.
-            decoding = self.cfg.decoding.model_copy(update={"beam_size": 1, "nbest": 1, "shortlist": 0})
-            translator = Translator(model, self.bundle.src_tok, self.bundle.tgt_tok, decoding,
-                                    self.cfg.data.truncate_src)
-            hyps = [tr.text for tr in translator.translate(self.valid_src[:n])]
-            record.update(valid_loss=round(loss, 4), valid_ppl=round(ppl, 2),
-                          valid_bleu=round(bleu(hyps, self.valid_ref[:n]), 2))
-            if t.keep_best_by == "rouge":
-                record["valid_rouge"] = round(rouge_mean(hyps, self.valid_ref[:n]), 2)
+            record.update(valid_loss=round(loss, 4), valid_ppl=round(ppl, 2))
+            names = [*t.valid_metrics, *([t.keep_best_by] if t.keep_best_by != "loss" else [])]
+            if names:  # the dev decode only when a score asks for it
+                n = t.valid_max_sentences or len(self.valid_src)
+                # Greedy over the whole vocabulary: the dev score measures the model, not the decoding shortcuts.
+                decoding = self.cfg.decoding.model_copy(update={"beam_size": 1, "nbest": 1, "shortlist": 0})
+                translator = Translator(model, self.bundle.src_tok, self.bundle.tgt_tok, decoding,
+                                        self.cfg.data.truncate_src)
+                hyps = [tr.text for tr in translator.translate(self.valid_src[:n])]
+                record.update(logged(names, hyps, self.valid_ref[:n], self.valid_src[:n]))
             score = loss if t.keep_best_by == "loss" else record[f"valid_{t.keep_best_by}"]
         else:
             score = train_loss

@@ -32,6 +32,17 @@ def test_wrong_type_and_choice():
         validate({"model": {"cell": "transformer"}})
 
 
+def test_metric_names_checked_at_load():
+    with pytest.raises(ConfigError) as exc:
+        validate({"training": {"valid_metrics": ["bleu", "meteor"], "keep_best_by": "couplet"}})
+    msg = str(exc.value)
+    assert "training.valid_metrics: unknown 'meteor'; choose from bleu, chrf, bleu_char, rouge, couplet" in msg
+    # the couplet checks mix directions (echo_rate is better lower): they cannot pick a model
+    assert "training.keep_best_by 'couplet': choose from loss, bleu, chrf, bleu_char, rouge" in msg
+    cfg = validate({"training": {"valid_metrics": ["couplet"], "keep_best_by": "chrf"}})
+    assert cfg.training.keep_best_by == "chrf"
+
+
 def test_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  cell: lstm\n")

@@ -34,6 +34,26 @@ def test_plot_compares_runs_against_time(trained_model, tmp_path):
     assert out.read_bytes().startswith(PNG)
 
 
+def test_plot_draws_a_panel_per_logged_metric(tmp_path, monkeypatch):
+    """Panels come from the metrics registry: a run that logged ROUGE and chrF gets those two as well."""
+    from seqtool import plot
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": s, "time_s": s, "lr": 1e-3, "train_loss": 3.0 / s, "valid_loss": 3.5 / s, "valid_ppl": 30.0 / s,
+         "valid_rouge": 10.0 * s, "valid_rouge1": 12.0 * s, "valid_chrf": 9.0 * s}) + "\n" for s in (1, 2)))
+    titles = []
+    real = plot._save
+
+    def spy(fig, out):
+        titles.extend(ax.get_title() for ax in fig.axes if ax.get_visible())
+        real(fig, out)
+    monkeypatch.setattr(plot, "_save", spy)
+    plot.plot_curves([tmp_path], tmp_path / "c.png")
+    assert titles == ["loss", "validation perplexity", "learning rate", "validation chrF (greedy)",
+                      "validation ROUGE-1/2/L mean (greedy)"]
+    assert (tmp_path / "c.png").read_bytes().startswith(PNG)
+
+
 def test_plot_errors_are_one_line(tmp_path):
     proc = run_cli("plot", str(tmp_path))
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "metrics.jsonl not found" in proc.stderr

@@ -186,11 +186,30 @@ def test_keep_last_and_average(tmp_path):
 def test_keep_best_by_rouge_keeps_the_highest_dev_rouge(tmp_path):
     cfg = validate(tiny_config(tmp_path / "m", training={**SMALL, "keep_best_by": "rouge"}))
     trainer = run_training(cfg, quiet=True)
-    from seqtool.metrics import rouge_mean
     from seqtool.plot import read_metrics
 
     rows = read_metrics(tmp_path / "m" / "metrics.jsonl")
     assert len(rows) == 2 and all(0 <= r["valid_rouge"] <= 100 for r in rows)
+    # rouge picks by the mean of its three scores; each is logged too, and valid_metrics' BLEU beside them
+    for r in rows:
+        assert r["valid_rouge"] == pytest.approx((r["valid_rouge1"] + r["valid_rouge2"] + r["valid_rougeL"]) / 3,
+                                                 abs=0.01)
+        assert "valid_bleu" in r
     best = max(rows, key=lambda r: r["valid_rouge"])
     assert (trainer.progress.best, trainer.progress.best_step) == (best["valid_rouge"], best["step"])
-    assert rouge_mean(["a b c"], ["a b d"]) == pytest.approx(100 * (2 / 3 + 1 / 2 + 2 / 3) / 3)
+
+
+def test_validation_scores_only_what_the_config_asks(tmp_path):
+    """valid_metrics chooses the logged scores (chrf picks the model here); none at all skips the dev decode."""
+    from seqtool.plot import read_metrics
+
+    cfg = validate(tiny_config(tmp_path / "c", training={**SMALL, "valid_metrics": ["chrf"], "keep_best_by": "chrf"}))
+    trainer = run_training(cfg, quiet=True)
+    rows = read_metrics(tmp_path / "c")
+    assert all(set(r) >= {"valid_loss", "valid_chrf"} and "valid_bleu" not in r for r in rows)
+    best = max(rows, key=lambda r: r["valid_chrf"])
+    assert (trainer.progress.best, trainer.progress.best_step) == (best["valid_chrf"], best["step"])
+    cfg = validate(tiny_config(tmp_path / "l", training={**SMALL, "valid_metrics": [], "keep_best_by": "loss"}))
+    run_training(cfg, quiet=True)
+    assert all(not any(k.startswith("valid_") and k not in ("valid_loss", "valid_ppl") for k in r)
+               for r in read_metrics(tmp_path / "l"))
