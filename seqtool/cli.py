@@ -81,46 +81,38 @@ def train(
     from seqtool.train import check_before_start, run_training
 
     flags = {"data.train_src": src, "data.train_tgt": tgt, "data.valid_src": valid_src, "data.valid_tgt": valid_tgt,
-             "training.model_dir": model_dir}
+             "training.model_dir": model_dir, "training.device": device}
     if config is None and src is None:
         raise SeqtoolError("give a config with -c FILE (see configs/), or the data with --src and --tgt")
-    cfg = load_config(config, [*overrides, *([f"training.device={device}"] if device else [])])
-    for key, value in flags.items():
-        if value is not None:  # set as given: a file name is never parsed as YAML
-            section, name = key.split(".")
-            setattr(getattr(cfg, section), name, value)
+    cfg = load_config(config, overrides, {k: v for k, v in flags.items() if v is not None})
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, not {nproc}")
     if nproc != 1:
         from seqtool.distributed import launch
 
         check_before_start(cfg, resume)  # the usual mistakes once, here, rather than once per process
-        raise typer.Exit(launch(nproc, _without_nproc(sys.argv[1:])))
+        raise typer.Exit(launch(nproc, cfg, [*(["--resume"] if resume else []), *(["-q"] if quiet else []),
+                                             *(["-v"] if verbose else [])]))
     run_training(cfg, resume=resume, quiet=quiet, verbose=verbose)
 
 
-def _without_nproc(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            out.append(arg)
-    return out
+def _decoding_flags(params: dict) -> dict:
+    """A command's options that are decoding keys, as given: each such option is named as its key (--beam is
+    beam_size), so a new decoding option needs no mapping here."""
+    from seqtool.config import DecodingConfig
+
+    return {k: v for k, v in params.items() if k in DecodingConfig.model_fields and v is not None}
 
 
 def _decoding(bundle, overrides: list[str], flags: dict):
-    """The model's decoding section with --set overrides and flags (decoding key -> value or None) applied."""
+    """The model's decoding section with --set overrides, then the command's decoding flags, applied."""
     from seqtool.config import apply_overrides, validate
 
     for expr in overrides:
         if not expr.startswith("decoding."):
             raise ConfigError(f"--set {expr}: only decoding.* keys can change at translation time")
-    raw = bundle.config.model_dump()
-    raw["decoding"].update({k: v for k, v in flags.items() if v is not None})
-    return validate(apply_overrides(raw, overrides)).decoding
+    settings = {f"decoding.{k}": v for k, v in flags.items()}
+    return validate(apply_overrides(bundle.config.model_dump(), overrides, settings)).decoding
 
 
 def _translator(model: Path, overrides: list[str], flags: dict, quiet: bool, verbose: bool = False,
@@ -160,12 +152,12 @@ def translate(
     input: str = typer.Argument("-", help="Input text file, one sentence per line; '-' or nothing reads stdin."),
     model: Path = ModelOpt,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
-    beam: Optional[int] = BeamOpt,
+    beam_size: Optional[int] = BeamOpt,
     nbest: Optional[int] = typer.Option(None, "--nbest", help="Hypotheses kept per line (shown with --format json)."),
     batch_size: Optional[int] = BatchOpt,
     length_penalty: Optional[float] = LpOpt,
-    sample: bool = typer.Option(False, "--sample", help="Draw tokens at random (with --temperature, --top-k, --top-p, "
-                                "--seed) instead of beam search."),
+    sample: Optional[bool] = typer.Option(None, "--sample/--no-sample", help="Draw tokens at random (with "
+                                          "--temperature, --top-k, --top-p, --seed) instead of beam search."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 1)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most probable tokens."),
     top_p: Optional[float] = typer.Option(None, "--top-p",
@@ -206,6 +198,7 @@ def translate(
         echo '{"text": "seliti roma lasa.", "prefix": "voba", "constraints": ["Kevi"]}' |
         seqtool translate -m runs/sample --input-format jsonl
     """
+    flags = _decoding_flags(locals())
     from seqtool.data import iter_lines, read_lines
     from seqtool.translate import parse_jsonl, translate_stream
 
@@ -215,9 +208,6 @@ def translate(
         raise SeqtoolError(f"--input-format must be text or jsonl, not {input_format!r}")
     if attention and fmt != "json":
         raise SeqtoolError("--attention adds weights to JSON output: use it with --format json")
-    flags = {"beam_size": beam, "nbest": nbest, "batch_size": batch_size, "length_penalty": length_penalty,
-             "sample": sample or None, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
-             "device": device, "quantize": quantize, "shortlist": shortlist}
     avoid = tuple(line for line in read_lines(avoid_file) if line.strip()) if avoid_file is not None else ()
     translator = _translator(model, overrides, flags, quiet, verbose, attention or attention_plot is not None,
                              pieces=fmt == "json", prefix=prefix or "", avoid=avoid, drop_prefix=drop_prefix)
@@ -247,7 +237,7 @@ def poem(
     tones: bool = typer.Option(True, "--tones/--no-tones", help="Odd lines end on a 仄 tone, even lines on 平."),
     fmt: str = typer.Option("text", "--format", "-f",
                             help="text (the lines, a blank line between poems) or json (one object per poem)."),
-    beam: Optional[int] = BeamOpt,
+    beam_size: Optional[int] = BeamOpt,
     device: Optional[str] = DeviceOpt,
     overrides: list[str] = typer.Option([], "--set", help="Override a decoding key of the next-line model: --set "
                                         "decoding.no_echo=false (repeatable)."),
@@ -264,6 +254,7 @@ def poem(
 
         printf '春夏秋冬\n风花雪月\n' | seqtool poem --first runs/poem_first --next runs/couplets --format json
     """
+    flags = _decoding_flags(locals())
     import json
 
     from seqtool.data import iter_lines
@@ -273,7 +264,6 @@ def poem(
         raise SeqtoolError(f"--format must be text or json, not {fmt!r}")
     if not 2 <= chars <= MAX_CHARS:
         raise SeqtoolError(f"--chars {chars}: a line has 2 to {MAX_CHARS} characters")
-    flags = {"beam_size": beam, "device": device}
     poet = Poet(_translator(first, [], flags, quiet), _translator(next_model, overrides, flags, quiet), tones)
     texts = [heads] if heads is not None else iter_lines(input)
     for n, text in enumerate(texts, 1):
@@ -359,7 +349,7 @@ def evaluate(
                                        help="Source file: translated with --model, and used by couplet metrics."),
     hyp: Optional[Path] = typer.Option(None, "--hyp", help="Score this existing output instead of translating."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model file or dir (with --src)."),
-    beam: Optional[int] = BeamOpt,
+    beam_size: Optional[int] = BeamOpt,
     batch_size: Optional[int] = BatchOpt,
     length_penalty: Optional[float] = LpOpt,
     metrics: str = typer.Option("bleu,chrf", "--metrics",
@@ -384,6 +374,7 @@ def evaluate(
 
         seqtool evaluate --hyp out.txt --ref test.ann0 --ref test.ann1 --metrics rouge
     """
+    flags = _decoding_flags(locals())
     import json
 
     from seqtool.data import read_lines
@@ -394,8 +385,6 @@ def evaluate(
     if hyp is not None:
         hyps = read_lines(hyp)
     elif srcs is not None and model is not None:
-        flags = {"beam_size": beam, "batch_size": batch_size, "length_penalty": length_penalty, "device": device,
-                 "quantize": quantize, "shortlist": shortlist}
         translator = _translator(model, overrides, flags, quiet)
         hyps = [t.text for t in translator.translate(srcs)]
     else:
@@ -490,7 +479,7 @@ def serve(
     model: Path = ModelOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", "-p", help="TCP port."),
-    beam: Optional[int] = BeamOpt,
+    beam_size: Optional[int] = BeamOpt,
     batch_size: Optional[int] = BatchOpt,
     max_lines: int = typer.Option(1000, "--max-lines", help="Most lines per request, and per decoding round."),
     wait_ms: float = typer.Option(5.0, "--batch-wait-ms",
@@ -515,6 +504,7 @@ def serve(
         seqtool serve -m runs/sample --port 8000 &
         curl -s localhost:8000/translate -d '{"lines": ["a line", ""]}'
     """
+    flags = _decoding_flags(locals())
     from seqtool.checkpoint import load_model, model_card, resolve_model_path
     from seqtool.serve import make_app
     from seqtool.serve import serve as run_server
@@ -525,15 +515,14 @@ def serve(
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port must be a TCP port, 1 to 65535, not {port}")
     bundle = load_model(model)
-    flags = {"beam_size": beam, "batch_size": batch_size, "device": device, "quantize": quantize,
-             "shortlist": shortlist}
     translator = _translator(model, overrides, flags, False, verbose, bundle=bundle, pieces=True)
     card = model_card(bundle, resolve_model_path(model))
     poet = None
     if poem_first is not None:
         from seqtool.poem import Poet
 
-        poet = Poet(_translator(poem_first, [], {"beam_size": beam, "device": device}, False), translator)
+        first_flags = {k: v for k, v in flags.items() if k in ("beam_size", "device")}  # its own rules stay
+        poet = Poet(_translator(poem_first, [], first_flags, False), translator)
     run_server(make_app(translator, card, max_lines, wait_ms=wait_ms, max_queue=max_queue, poet=poet), host, port,
                verbose)
 

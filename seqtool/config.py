@@ -271,9 +271,11 @@ def parse_override(expr: str) -> tuple[list[str], Any]:
     return parts, parsed
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    for expr in overrides:
-        (section, key), value = parse_override(expr)
+def apply_overrides(raw: dict, overrides: Sequence[str], settings: Optional[dict[str, Any]] = None) -> dict:
+    """The one way a command changes a config: `--set section.key=value` strings (values parsed as YAML), then
+    `settings`, {"section.key": value} from a command's own flags (values as given: a file name is never YAML)."""
+    pairs = [parse_override(expr) for expr in overrides] + [(k.split("."), v) for k, v in (settings or {}).items()]
+    for (section, key), value in pairs:
         node = raw.setdefault(section, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {section}.{key}: {section} is not a section")
@@ -281,8 +283,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(path: Optional[str | Path], overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config (or start from defaults when path is None) and apply --set overrides."""
+def load_config(path: Optional[str | Path], overrides: Sequence[str] = (),
+                settings: Optional[dict[str, Any]] = None) -> Config:
+    """Read a YAML config (or start from defaults when path is None), apply the overrides and settings
+    (apply_overrides) and validate the result."""
     raw: Any = {}
     if path is not None:
         path = Path(path)
@@ -301,7 +305,7 @@ def load_config(path: Optional[str | Path], overrides: Sequence[str] = ()) -> Co
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return validate(apply_overrides(raw, list(overrides)))
+    return validate(apply_overrides(raw, overrides, settings))
 
 
 def dump_config(cfg: Config) -> str:

@@ -15,12 +15,15 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 
 from seqtool.errors import SeqtoolError
+
+if TYPE_CHECKING:
+    from seqtool.config import Config
 
 T = TypeVar("T")
 
@@ -111,25 +114,33 @@ def main_does(fn: Callable[[], T], ranks: Ranks) -> T:
     return cast(T, result)  # error is None: rank 0's fn() returned it
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """`seqtool train --nproc N ...`: run `seqtool ARGV` in N local processes through torch's elastic
-    launcher (what torchrun --standalone does); returns the exit code of the first failing rank, or 0.
+def launch(nproc: int, cfg: Config, flags: Sequence[str]) -> int:
+    """`seqtool train --nproc N ...`: run `seqtool train -c RESOLVED FLAGS` in N local processes through torch's
+    elastic launcher (what torchrun --standalone does), RESOLVED being `cfg` as the command resolved it, so each
+    worker trains exactly that; returns the exit code of the first failing rank, or 0.
 
     The workers print their own errors (rank 0 only); the launcher's own logging is kept quiet.
     """
     import logging
+    import tempfile
     import uuid
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from seqtool.config import dump_config
+
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does: N processes share the cores
-    try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "seqtool", *argv)
-    except ChildFailedError as exc:
-        codes = [f.exitcode for f in exc.failures.values()]
-        return next((c for c in codes if c and c > 0), 1)
+    with tempfile.TemporaryDirectory(prefix="seqtool-launch-") as tmp:
+        resolved = os.path.join(tmp, "config.yaml")
+        with open(resolved, "w", encoding="utf-8") as f:
+            f.write(dump_config(cfg))
+        try:
+            elastic_launch(config, entrypoint=sys.executable)("-m", "seqtool", "train", "-c", resolved, *flags)
+        except ChildFailedError as exc:
+            codes = [f.exitcode for f in exc.failures.values()]
+            return next((c for c in codes if c and c > 0), 1)
     return 0

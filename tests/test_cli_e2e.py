@@ -154,6 +154,19 @@ def test_verbose_and_quiet(tmp_path, trained_model):
     assert proc.stderr == ""
 
 
+def test_decoding_flags_reach_the_decoder_and_win_over_set(trained_model):
+    """Each flag that is a decoding key is applied as that key, after --set strings, and validated as it."""
+    proc = run_cli("translate", "-m", str(trained_model), "-v", "--beam", "2", "--batch-size", "3",
+                   "--length-penalty", "0.5", "--shortlist", "0", "--no-quantize", "--set", "decoding.beam_size=7",
+                   "--set", "decoding.min_len=2", input="zuza\n", check=True)
+    assert re.search(r"decoding: beam_size=2 length_penalty=0.5 .*min_len=2 .*batch_size=3 ", proc.stderr)
+    assert "quantize=False" in proc.stderr and "shortlist=0 " in proc.stderr
+    scoring = ["--src", str(SAMPLE / "test.src"), "--ref", str(SAMPLE / "test.tgt")]
+    for command, extra in (("translate", []), ("evaluate", scoring)):
+        proc = run_cli(command, "-m", str(trained_model), *extra, "--beam", "0", input="zuza\n")
+        assert proc.returncode == 2 and "decoding.beam_size" in proc.stderr, proc.stderr
+
+
 def test_sampling_from_the_cli_is_seeded(trained_model):
     lines = "".join(line + "\n" for line in (SAMPLE / "test.src").read_text().splitlines()[:10])
     args = ("translate", "-m", str(trained_model), "--sample", "--temperature", "1.5", "--top-p", "0.95")

@@ -50,6 +50,15 @@ def test_overrides(tmp_path):
     assert (cfg.model.cell, cfg.model.hidden_size, cfg.training.lr, cfg.data.train_src) == ("lstm", 64, 1e-4, "x.txt")
 
 
+def test_settings_are_taken_as_given_and_win_over_set_strings():
+    """A command's own flags ({"section.key": value}) come after --set, are never parsed as YAML, and are
+    validated with the rest."""
+    cfg = load_config(None, ["data.train_src=a.txt", "training.lr=0.5"], {"data.train_src": "[not, a, list]"})
+    assert (cfg.data.train_src, cfg.training.lr) == ("[not, a, list]", 0.5)
+    with pytest.raises(ConfigError, match="training.device"):
+        load_config(None, [], {"training.device": "tpu"})
+
+
 @pytest.mark.parametrize("expr", ["model.hidden_size", "hidden_size=3", "a.b.c=1", "=3", "model.=1"])
 def test_malformed_override(expr):
     with pytest.raises(ConfigError, match="--set"):

@@ -24,9 +24,12 @@ def _config(tmp_path, name: str, **training) -> str:
 
 def test_two_processes_follow_one_process_and_resume(tmp_path):
     one = run_cli("train", "-c", _config(tmp_path, "one"), check=True)
-    two_half = run_cli("train", "-c", _config(tmp_path, "two", max_steps=30), "--nproc", "2", check=True)
-    assert "data-parallel training on 2 processes" in two_half.stderr
-    two = run_cli("train", "-c", _config(tmp_path, "two"), "--nproc", "2", "--resume", check=True)
+    # The workers train the config as the command resolved it: -o and --set reach them.
+    two_half = run_cli("train", "-c", _config(tmp_path, "elsewhere", max_steps=30), "-o", str(tmp_path / "two"),
+                       "--nproc", "2", check=True)
+    assert "data-parallel training on 2 processes" in two_half.stderr and not (tmp_path / "elsewhere").exists()
+    two = run_cli("train", "-c", _config(tmp_path, "two", max_steps=30), "--set", "training.max_steps=60",
+                  "--nproc", "2", "--resume", check=True)
     assert "resuming at step 30" in two.stderr
     # Rank 0 alone logs: each validation once.
     assert one.stderr.count("validation at step 30") == two_half.stderr.count("validation at step 30") == 1
