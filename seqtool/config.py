@@ -184,7 +184,7 @@ class DecodingConfig(Section):
     shortlist: int = Field(default=0, ge=0, le=SHORTLIST_TABLE, description="output layer cut to each source token's N "
                            "likeliest target tokens + the most frequent ones (faster decoding); 0 = whole vocabulary")
     shortlist_frequent: int = Field(
-        default=100, ge=0, description="with shortlist: the most frequent target tokens always kept")
+        default=300, ge=0, description="with shortlist: the most frequent target tokens every line keeps")
 
     @model_validator(mode="after")
     def _nbest_fits(self) -> DecodingConfig:

@@ -1,7 +1,7 @@
 """Search: greedy and batched beam search over a model's `encode` / `step` interface.
 
-Both return, per source sentence, a list of hypotheses (best first); tokens exclude EOS.
-With a shortlist (`BatchVocab`), tokens are positions in its ids until the results are mapped back.
+Both return, per source sentence, a list of hypotheses (best first); tokens exclude EOS. A model is
+anything with Seq2Seq's `encode` / `step` (a shortlist's adapter too: seqtool.shortlist.Shortlisted).
 What the next token may be is the business of `Rules` (seqtool.constraints): the search asks them to
 mask each step's scores and carries their per-hypothesis state along with its own (`Rows`).
 """
@@ -10,15 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 
 from seqtool.constraints import NEG, Rules
 from seqtool.model.decoder import DecoderState
-from seqtool.model.seq2seq import Seq2Seq
-from seqtool.shortlist import BatchVocab
 from seqtool.tokenizer import BOS, EOS
+
+
+class Decodable(Protocol):
+    """What a search needs of a model: encode a batch of sources once, then one step for all rows."""
+
+    def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> DecoderState: ...
+
+    def step(self, prev: torch.Tensor, state: DecoderState
+             ) -> tuple[torch.Tensor, DecoderState, Optional[torch.Tensor]]: ...
 
 
 @dataclass
@@ -43,12 +50,16 @@ class Rows:
     tokens: torch.Tensor  # (rows, t) the tokens so far
     coverage: Optional[torch.Tensor] = None  # (rows, S) attention received by each source position
 
-    def select(self, index: Optional[torch.Tensor], tokens: torch.Tensor) -> Rows:
-        """Row r of the result continues row `index[r]` (None: every row, in order) with `tokens[r]`."""
+    def select(self, index: Optional[torch.Tensor], tokens: torch.Tensor,
+               sources: Optional[torch.Tensor] = None) -> Rows:
+        """Row r of the result continues row `index[r]` (None: every row, in order) with `tokens[r]`; `sources`:
+        the kept sentences' positions on the decoder state's source side (DecoderState.select; default `index`,
+        for one row per sentence)."""
         if index is None:
             index, state, sents, coverage = None, self.state, self.sents, self.coverage
         else:
-            state, sents = self.state.select(index), self.sents.index_select(0, index)
+            state = self.state.select(index, index if sources is None else sources)
+            sents = self.sents.index_select(0, index)
             coverage = None if self.coverage is None else self.coverage.index_select(0, index)
         kept = self.tokens if index is None else self.tokens.index_select(0, index)
         every = torch.arange(len(sents), device=sents.device) if index is None else index
@@ -86,19 +97,18 @@ def sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: 
 
 
 @torch.no_grad()
-def greedy(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules: Rules,
-           alpha: float = 0.0, pick: Picker = argmax, vocab: Optional[BatchVocab] = None) -> list[list[Hypothesis]]:
+def greedy(model: Decodable, src: torch.Tensor, src_lens: torch.Tensor, rules: Rules,
+           alpha: float = 0.0, pick: Picker = argmax) -> list[list[Hypothesis]]:
     """One hypothesis per sentence, token by token: the most probable allowed token, or one drawn
     by `pick` (see `sampler`); finished sentences leave the batch."""
     B = src.size(0)
-    state = model.encode(src, src_lens, None if vocab is None else vocab.ids)
+    state = model.encode(src, src_lens)
     rows = Rows(state, rules, torch.arange(B, device=src.device), src.new_zeros((B, 0)))
-    output = None if vocab is None else vocab.output
     results: list[list[Hypothesis]] = [[] for _ in range(B)]
     logp = torch.zeros(B, dtype=torch.float64)
     prev = src.new_full((B,), BOS)
     for t in range(max(rules.max_len)):
-        lp, state, _ = model.step(_target_ids(prev, vocab), rows.state, output)
+        lp, state, _ = model.step(prev, rows.state)
         rows = replace(rows, state=state)
         lp = rows.rules.mask(lp, t, rows.sents)
         stuck = torch.isneginf(lp.max(dim=-1).values)  # the rules allow no token at all: the sentence ends here
@@ -120,26 +130,23 @@ def greedy(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules: Rul
         rows = rows.select(index, prev)
         if index is not None:
             logp = logp[index.cpu()]
-    return _mapped(results, vocab)
-
-
-def _target_ids(tokens: torch.Tensor, vocab: Optional[BatchVocab]) -> torch.Tensor:
-    return tokens if vocab is None else vocab.ids[tokens]
-
-
-def _mapped(results: list[list[Hypothesis]], vocab: Optional[BatchVocab]) -> list[list[Hypothesis]]:
-    """Hypotheses over shortlist positions -> over target ids."""
-    if vocab is not None:
-        ids = vocab.ids.tolist()
-        for hyps in results:
-            for h in hyps:
-                h.tokens = [ids[t] for t in h.tokens]
     return results
 
 
 def coverage_score(coverage: torch.Tensor, mask: torch.Tensor, beta: float) -> float:
     """GNMT coverage penalty: beta * sum over source words of log(min(attention received, 1))."""
     return beta * float(torch.log(coverage.clamp(1e-6, 1.0)).masked_fill(~mask, 0.0).sum())
+
+
+def _finisher(rows: Rows, K: int, alpha: float, beta: float) -> Callable[[int, float, int], float]:
+    """The final score of a hypothesis of `rows` (K per sentence): (row, log-probability, length) -> log-probability
+    / length penalty, + the coverage penalty when the search keeps coverage."""
+    def finish(row: int, logp: float, length: int) -> float:
+        score = logp / length_penalty(length, alpha)
+        if rows.coverage is not None:
+            score += coverage_score(rows.coverage[row], rows.state.mask[row // K], beta)
+        return score
+    return finish
 
 
 Candidate = tuple[float, int, int]  # (score, row, token)
@@ -161,9 +168,8 @@ def by_bank(options: list[Candidate], rules: Rules, sent: int) -> list[Candidate
 
 
 @torch.no_grad()
-def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules: Rules, beam_size: int,
-                alpha: float = 1.0, nbest: int = 1, coverage_penalty: float = 0.0,
-                vocab: Optional[BatchVocab] = None) -> list[list[Hypothesis]]:
+def beam_search(model: Decodable, src: torch.Tensor, src_lens: torch.Tensor, rules: Rules, beam_size: int,
+                alpha: float = 1.0, nbest: int = 1, coverage_penalty: float = 0.0) -> list[list[Hypothesis]]:
     """Batched beam search: all sentences x beams in one tensor; the encoder runs once per sentence, and its
     states and attention keys are kept once per sentence for all its beams.
 
@@ -173,29 +179,23 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules
     K = beam_size
     B = src.size(0)
     dev = src.device
-    state = model.encode(src, src_lens, None if vocab is None else vocab.ids).grouped(K)
+    state = model.encode(src, src_lens).grouped(K)
     rows = Rows(state, rules, torch.arange(B, device=dev).repeat_interleave(K), src.new_zeros((B * K, 0)),
                 torch.zeros(B * K, src.size(1), device=dev) if coverage_penalty else None)
-    output = None if vocab is None else vocab.output
     scores = torch.full((B, K), NEG, device=dev)
     scores[:, 0] = 0.0  # all beams start identical: keep one so the first step is not K copies
     prev = src.new_full((B * K,), BOS)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     active = list(range(B))
 
-    def final_score(row: int, sc: float, length: int) -> float:
-        score = sc / length_penalty(length, alpha)
-        if rows.coverage is not None:
-            score += coverage_score(rows.coverage[row], rows.state.mask[row // K], coverage_penalty)
-        return score
-
     for t in range(max(rules.max_len)):
-        lp, state, weights = model.step(_target_ids(prev, vocab), rows.state, output)
+        lp, state, weights = model.step(prev, rows.state)
         coverage = rows.coverage
         if coverage is not None:  # only attention models report weights; without them there is no coverage
             coverage = None if weights is None else coverage + weights
         rows = replace(rows, state=state, coverage=coverage)
         n, V = len(active), lp.size(-1)
+        finish = _finisher(rows, K, alpha, coverage_penalty)
         lp = rows.rules.mask(lp, t, rows.sents)
         cand = (scores.view(-1, 1) + lp).view(n, K * V)
         top_scores, top_idx = cand.topk(min(2 * K, K * V), dim=1)
@@ -205,6 +205,7 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules
         toks_out: list[int] = []
         scores_out: list[float] = []
         keep_sents: list[int] = []
+        kept_at: list[int] = []  # their positions in `active`: on the decoder state's source side
         for i, sent in enumerate(active):
             options = [(sc, i * K + idx // V, idx % V) for sc, idx in zip(top_scores[i].tolist(), top_idx[i].tolist())]
             if banks:  # also each hypothesis' best token and those that advance its constraints
@@ -221,20 +222,21 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules
                 if sc == NEG or len(going) == K:
                     break
                 if tok == EOS and j < K:  # an EOS outside the top K does not finish a hypothesis
-                    finished[sent].append(Hypothesis(rows.tokens[row].tolist(), final_score(row, sc, t + 1)))
+                    finished[sent].append(Hypothesis(rows.tokens[row].tolist(), finish(row, sc, t + 1)))
                 elif tok != EOS:
                     going.append((sc, row, tok))
             if last_step:  # out of length: the best continuing hypotheses end here
                 for sc, row, tok in going[: max(0, K - len(finished[sent]))]:
-                    finished[sent].append(Hypothesis(rows.tokens[row].tolist() + [tok], final_score(row, sc, t + 1)))
+                    finished[sent].append(Hypothesis(rows.tokens[row].tolist() + [tok], finish(row, sc, t + 1)))
             if not finished[sent] and not going:  # no token allowed anywhere: keep the best unfinished hypothesis
                 beam = int(scores[i].argmax())
                 finished[sent].append(Hypothesis(rows.tokens[i * K + beam].tolist(),
-                                                 final_score(i * K + beam, float(scores[i, beam]), t), False))
+                                                 finish(i * K + beam, float(scores[i, beam]), t), False))
             if last_step or len(finished[sent]) >= K or not going:
                 continue
             going += [(NEG, going[0][1], going[0][2])] * (K - len(going))  # keep K rows per sentence
             keep_sents.append(sent)
+            kept_at.append(i)
             for sc, row, tok in going:
                 rows_out.append(row)
                 toks_out.append(tok)
@@ -242,10 +244,10 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, rules
         if not keep_sents:
             break
         prev = torch.tensor(toks_out, device=dev)
-        rows = rows.select(torch.tensor(rows_out, device=dev), prev)
+        rows = rows.select(torch.tensor(rows_out, device=dev), prev, torch.tensor(kept_at, device=dev))
         scores = torch.tensor(scores_out, device=dev).view(len(keep_sents), K)
         active = keep_sents
     for hyps in finished:
         hyps.sort(key=lambda h: h.score, reverse=True)
         del hyps[nbest:]
-    return _mapped(finished, vocab)
+    return finished

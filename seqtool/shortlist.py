@@ -10,7 +10,7 @@ target tokens, the special tokens, and any token a rule forces.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from itertools import islice
 from typing import Optional
@@ -20,7 +20,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from seqtool.config import SHORTLIST_TABLE
-from seqtool.model.seq2seq import OutputLayer
+from seqtool.model.decoder import DecoderState
+from seqtool.model.seq2seq import OutputLayer, Seq2Seq
+from seqtool.search import Hypothesis
 from seqtool.tokenizer import EOS
 
 MAX_PAIRS = 1_000_000  # pairs counted: enough for stable associations, bounded time on huge corpora
@@ -70,11 +72,44 @@ def _widened(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class BatchVocab:
-    """What a search over a shortlist needs: the target ids it may produce, and the output layer cut to them.
-    The search works in positions of `ids` and maps its outputs back to target ids."""
+    """A batch's shortlist: the target ids its sentences may produce, the output layer cut to them, and which
+    of them each sentence's own list holds."""
 
-    ids: torch.Tensor  # (n,) sorted target ids
+    ids: torch.Tensor  # (n,) sorted target ids, the union of the sentences' lists
     output: OutputLayer
+    allowed: Optional[torch.Tensor] = None  # (B, n) bool: sentence b's own list; None: all n for every one
+
+    def mapped(self, results: list[list[Hypothesis]]) -> list[list[Hypothesis]]:
+        """Hypotheses over positions in `ids` -> over target ids (in place)."""
+        ids = self.ids.tolist()
+        for hyps in results:
+            for h in hyps:
+                h.tokens = [ids[t] for t in h.tokens]
+        return results
+
+
+@dataclass
+class Shortlisted:
+    """A model over a batch's shortlist with Seq2Seq's `encode` / `step`, its tokens positions in `vocab.ids`:
+    the translator builds it and maps the results back (BatchVocab.mapped); a search never knows. Each row's
+    scores are normalised over its own sentence's list (the rest get -inf before the softmax), so a line's
+    output does not depend on the lines that share its batch."""
+
+    model: Seq2Seq
+    vocab: BatchVocab
+
+    def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> DecoderState:
+        return replace(self.model.encode(src, src_lens, self.vocab.ids), allowed=self.vocab.allowed)
+
+    def step(self, prev: torch.Tensor, state: DecoderState
+             ) -> tuple[torch.Tensor, DecoderState, Optional[torch.Tensor]]:
+        output = self.vocab.output
+        if state.allowed is not None:
+            banned = ~state.per_row(state.allowed)
+
+            def output(feats: torch.Tensor) -> torch.Tensor:
+                return self.vocab.output(feats).masked_fill(banned, float("-inf"))
+        return self.model.step(self.vocab.ids[prev], state, output)
 
 
 def _unique_counts(keys: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

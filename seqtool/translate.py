@@ -22,8 +22,8 @@ from seqtool.data import make_batch
 from seqtool.errors import DataError, SeqtoolError
 from seqtool.hanzi import NONE, is_punct, tone
 from seqtool.model.seq2seq import Seq2Seq
-from seqtool.search import Hypothesis, argmax, beam_search, greedy, sampler
-from seqtool.shortlist import BatchVocab, OutputRows, Shortlist
+from seqtool.search import Decodable, Hypothesis, argmax, beam_search, greedy, sampler
+from seqtool.shortlist import BatchVocab, OutputRows, Shortlist, Shortlisted
 from seqtool.tokenizer import UNK, Tokenizer
 from seqtool.verse import couplet_controls
 
@@ -130,9 +130,9 @@ class Translator:
     _vocabs: dict = field(default_factory=dict, init=False)  # with tones or not -> the rules' Vocab, built once
 
     def __post_init__(self) -> None:
-        if self.with_attention and self.model.decoder.mode != "attention":
-            raise SeqtoolError("attention weights need a model with context 'attention', "
-                               f"not '{self.model.decoder.mode}'")
+        if self.with_attention and self.model.decoder.mode.score is None:
+            raise SeqtoolError("attention weights need a model with context 'attention'; this model's decoder "
+                               "does not attend")
         if self.decoding.shortlist and self.shortlist is None:
             raise SeqtoolError("decoding.shortlist: this model file has no shortlist table "
                                "(trained by an older seqtool); decode without --shortlist, or train it again")
@@ -232,25 +232,30 @@ class Translator:
         device = self.model.device
         ids = [p.ids for p in lines]
         batch = make_batch(ids, [[0]] * len(ids)).to(device)
-        d, vocab = self.decoding, None
-        if d.shortlist:
-            required = torch.tensor([tok for p in lines for tok in p.spec.required_tokens()], dtype=torch.long)
-            vocab = self.batch_vocab(ids, required)
+        d = self.decoding
+        vocab = self.batch_vocab(ids, [p.spec.required_tokens() for p in lines]) if d.shortlist else None
+        model: Decodable = self.model if vocab is None else Shortlisted(self.model, vocab)
         specs = [p.spec for p in lines]
         rules = make_rules(specs, d, self._vocab(*specs), None if vocab is None else vocab.ids, device)
         if d.sample or (d.beam_size == 1 and d.nbest == 1):
             pick = sampler(d.temperature, d.top_k, d.top_p, d.seed) if d.sample else argmax
-            return greedy(self.model, batch.src, batch.src_lens, rules, d.length_penalty, pick, vocab)
-        return beam_search(self.model, batch.src, batch.src_lens, rules, d.beam_size, d.length_penalty, d.nbest,
-                           d.coverage_penalty, vocab)
+            hyps = greedy(model, batch.src, batch.src_lens, rules, d.length_penalty, pick)
+        else:
+            hyps = beam_search(model, batch.src, batch.src_lens, rules, d.beam_size, d.length_penalty, d.nbest,
+                               d.coverage_penalty)
+        return hyps if vocab is None else vocab.mapped(hyps)
 
-    def batch_vocab(self, ids: list[list[int]], forced: torch.Tensor) -> BatchVocab:
-        """The shortlist of a batch of sources, and the output layer cut to it."""
+    def batch_vocab(self, ids: list[list[int]], required: list[list[int]]) -> BatchVocab:
+        """The shortlist of each source of a batch (with the tokens its rules require), their union, and the
+        output layer cut to the union."""
         assert self.shortlist is not None and self._output_rows is not None
         d = self.decoding
-        target_ids = self.shortlist.ids(ids, d.shortlist, d.shortlist_frequent, self.src_tok is self.tgt_tok,
-                                        forced).to(self.model.device)
-        return BatchVocab(target_ids, self._output_rows.restricted(target_ids))
+        lists = [self.shortlist.ids([src], d.shortlist, d.shortlist_frequent, self.src_tok is self.tgt_tok,
+                                    torch.tensor(req, dtype=torch.long)) for src, req in zip(ids, required)]
+        union = torch.unique(torch.cat(lists))
+        allowed = torch.stack([torch.isin(union, own) for own in lists])
+        union, allowed = union.to(self.model.device), allowed.to(self.model.device)
+        return BatchVocab(union, self._output_rows.restricted(union), allowed)
 
     def translate(self, lines: Sequence[str | Source], first_lineno: int = 1) -> list[Translation]:
         """Translate lines in any order of length; the result has one entry per line, in order."""

@@ -11,7 +11,7 @@ from seqtool.data import make_batch
 from seqtool.device import int8_dynamic
 from seqtool.errors import ModelFileError
 from seqtool.search import beam_search, greedy
-from seqtool.shortlist import BatchVocab, OutputRows, Shortlist, build_shortlist
+from seqtool.shortlist import BatchVocab, OutputRows, Shortlist, Shortlisted, build_shortlist
 from seqtool.tokenizer import EOS
 from test_cli_errors import assert_one_line_error
 from test_search import V, model_for, rules_for, sources
@@ -51,16 +51,18 @@ def test_restricted_output_layer_gives_the_same_scores_as_the_full_layer_in_fp32
     torch.testing.assert_close(small_q(x), layer(x)[:, ids], atol=0.05, rtol=0.05)
 
 
-def _search(which, srcs, vocab_ids, beam, **rule_args):
+def _search(which, srcs, vocab_ids, beam, allowed=None, **rule_args):
     model = model_for(*which)
     b = make_batch(srcs, [[4]] * len(srcs))
     rules = rules_for(srcs, space=vocab_ids, **rule_args)
-    vocab = None
-    if vocab_ids is not None:
-        vocab = BatchVocab(vocab_ids, OutputRows.of(model.output).restricted(vocab_ids))
+    if vocab_ids is None:
+        return greedy(model, b.src, b.src_lens, rules) if beam == 1 else beam_search(
+            model, b.src, b.src_lens, rules, beam, nbest=beam)
+    vocab = BatchVocab(vocab_ids, OutputRows.of(model.output).restricted(vocab_ids), allowed)
+    listed = Shortlisted(model, vocab)
     if beam == 1:
-        return greedy(model, b.src, b.src_lens, rules, vocab=vocab)
-    return beam_search(model, b.src, b.src_lens, rules, beam, nbest=beam, vocab=vocab)
+        return vocab.mapped(greedy(listed, b.src, b.src_lens, rules))
+    return vocab.mapped(beam_search(listed, b.src, b.src_lens, rules, beam, nbest=beam))
 
 
 models = st.sampled_from([("gru", "attention"), ("lstm", "init"), ("rnn", "every_step"), ("lstm", "attention", True)])
@@ -88,6 +90,23 @@ def test_greedy_over_a_shortlist_is_greedy_with_every_other_token_banned(srcs, w
         rules = rules_for(srcs, banned=(~torch.isin(torch.arange(V), ids)).nonzero().flatten().tolist())
         banned = greedy(model, b.src, b.src_lens, rules)
         assert [h[0].tokens for h in listed] == [h[0].tokens for h in banned]
+
+
+@settings(max_examples=30, deadline=None)
+@given(sources, models, st.lists(subsets, min_size=4, max_size=4), st.integers(1, 4))
+def test_each_line_over_its_own_list_decodes_as_it_would_alone(srcs, which, own, beam):
+    """Every row is restricted to its own sentence's list, and normalised over it: the batch's other lines
+    (and so the union of the lists) change nothing."""
+    copies = {t for s in srcs for t in s} if len(which) == 3 else set()  # copying lands on the sources
+    lists = [torch.tensor(sorted({0, 1, 2, 3} | own[i % 4] | copies)) for i in range(len(srcs))]
+    union = torch.unique(torch.cat(lists))
+    allowed = torch.stack([torch.isin(union, ids) for ids in lists])
+    together = _search(which, srcs, union, beam, allowed)
+    for src, ids, hyps in zip(srcs, lists, together):
+        alone = _search(which, [src], ids, beam)[0]
+        assert [h.tokens for h in hyps] == [h.tokens for h in alone]
+        assert [h.score for h in hyps] == pytest.approx([h.score for h in alone], abs=1e-4)
+        assert all(set(h.tokens) <= set(ids.tolist()) for h in hyps)
 
 
 @settings(max_examples=25, deadline=None)

@@ -5,14 +5,16 @@
 - attention: a context recomputed each step from all encoder states; `bahdanau` queries with the
   previous state and feeds the context into the RNN, `luong_*` queries with the current state and
   may feed the attentional vector to the next step (input feeding).
-Modes without a step-to-step dependency outside the RNN run over the whole target in one call;
-`bahdanau` loops over attention and the RNN only, and computes every step's output features at once.
+Each is a `Mode` in MODES: what its steps' RNN input and its output layer read, and where its context
+comes from; the decoder's code is the same for all. Modes without a step-to-step dependency outside the
+RNN run over the whole target in one call; `bahdanau` loops over attention and the RNN only, and computes
+every step's output features at once; input feeding runs step by step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Union, cast
+from typing import Literal, Optional, cast
 
 import torch
 from torch import nn
@@ -35,6 +37,7 @@ class DecoderState:
     keys: Optional[torch.Tensor]  # (B, S, *) attention keys, projected once
     mask: torch.Tensor  # (B, S)
     src: Optional[torch.Tensor] = None  # (B, S) source ids, kept for copying
+    allowed: Optional[torch.Tensor] = None  # (B, V) the output tokens each sentence may take (a shortlist's)
     group: int = 1  # rows per sentence
 
     def grouped(self, group: int) -> DecoderState:
@@ -43,16 +46,17 @@ class DecoderState:
         index = torch.arange(self.hidden.size(1), device=self.hidden.device).repeat_interleave(group)
         return replace(self._rows(index), group=group)
 
-    def select(self, index: torch.Tensor) -> DecoderState:
-        """Keep / reorder rows (greedy drops finished sentences, beam search reorders hypotheses): `group`
-        consecutive entries of `index` per kept sentence, all rows of that one sentence."""
+    def select(self, index: torch.Tensor, sources: torch.Tensor) -> DecoderState:
+        """Keep / reorder rows (greedy drops finished sentences, beam search reorders hypotheses): row r of the
+        result is row index[r]; `sources` are the kept sentences' positions on the source side, in order, each
+        serving `group` consecutive rows of the result (all of them rows of that sentence)."""
+        assert len(index) == len(sources) * self.group
         state = self._rows(index)
-        sents = index[:: self.group] // self.group if self.group > 1 else index
         changes = {}
-        for name in ("context", "states", "keys", "mask", "src"):
+        for name in ("context", "states", "keys", "mask", "src", "allowed"):
             value = getattr(state, name)
             if value is not None:
-                changes[name] = value.index_select(0, sents)
+                changes[name] = value.index_select(0, sources)
         return replace(state, **changes)
 
     def _rows(self, index: torch.Tensor) -> DecoderState:
@@ -68,38 +72,55 @@ class DecoderState:
         return value if self.group == 1 else value.repeat_interleave(self.group, dim=0)
 
 
+@dataclass(frozen=True)
+class Mode:
+    """One way the source reaches the decoder. `context` says which source context a step has: none, the
+    encoder's fixed summary, or attention queried with the previous state before the RNN step (Bahdanau) or
+    with the RNN's output after it (Luong). `rnn_reads` and `features` name, in order, what the RNN input and
+    the output layer concatenate: "emb" (the target embedding), "ctx" (the context), "out" (the RNN output),
+    "feed" (the previous step's features: input feeding). `score` is the attention's scoring function."""
+
+    context: Literal["none", "fixed", "before", "after"]
+    rnn_reads: tuple[str, ...]
+    features: tuple[str, ...]
+    score: Optional[Literal["additive", "dot", "general"]] = None
+
+
+# model.context, or model.attention for context attention -> its mode; input feeding adds "feed" (Luong only)
+MODES = {
+    "init": Mode("none", ("emb",), ("out", "emb")),
+    "every_step": Mode("fixed", ("emb", "ctx"), ("out", "ctx", "emb")),
+    "bahdanau": Mode("before", ("emb", "ctx"), ("out", "ctx", "emb"), "additive"),
+    "luong_concat": Mode("after", ("emb",), ("ctx", "out"), "additive"),
+    "luong_dot": Mode("after", ("emb",), ("ctx", "out"), "dot"),
+    "luong_general": Mode("after", ("emb",), ("ctx", "out"), "general"),
+}
+
+
+def mode_of(context: str, attention: str, input_feeding: bool) -> Mode:
+    mode = MODES[attention if context == "attention" else context]
+    assert not input_feeding or mode.context == "after"  # ModelConfig allows input feeding for luong_* only
+    return replace(mode, rnn_reads=(*mode.rnn_reads, "feed")) if input_feeding else mode
+
+
 class Decoder(nn.Module):
-    def __init__(self, embed: nn.Embedding, cell: str, hidden_size: int, layers: int, enc_size: int,
-                 context: str, attention: str, input_feeding: bool, output_size: int, dropout: float):
+    def __init__(self, embed: nn.Embedding, cell: str, hidden_size: int, layers: int, enc_size: int, mode: Mode,
+                 output_size: int, dropout: float):
         super().__init__()
         self.embed = embed
-        self.mode = context
-        self.cell = cell
+        self.mode = mode
         self.layers = layers
         self.hidden_size = hidden_size
         self.output_size = output_size
-        emb = embed.embedding_dim
-        self.luong = context == "attention" and attention != "bahdanau"
-        self.bahdanau = context == "attention" and attention == "bahdanau"
-        self.input_feeding = self.luong and input_feeding
+        self.input_feeding = "feed" in mode.rnn_reads
+        sizes = {"emb": embed.embedding_dim, "ctx": enc_size, "out": hidden_size, "feed": output_size}
 
         self.bridge = nn.Linear(enc_size, layers * hidden_size)
         self.cell_bridge = nn.Linear(enc_size, layers * hidden_size) if cell == "lstm" else None
-
-        rnn_in = (emb + (enc_size if context != "init" and not self.luong else 0)
-                  + (output_size if self.input_feeding else 0))
-        self.rnn = make_rnn(cell, rnn_in, hidden_size, layers, dropout)
-        if context == "attention":
-            kind = {"bahdanau": "additive", "luong_concat": "additive", "luong_dot": "dot",
-                    "luong_general": "general"}[attention]
-            self.attention = Attention(kind, hidden_size, enc_size)
-        if self.luong:
-            out_in = hidden_size + enc_size  # attentional vector tanh(W [c_t; s_t])
-        elif context == "init":
-            out_in = hidden_size + emb
-        else:
-            out_in = hidden_size + enc_size + emb
-        self.pre_output = nn.Linear(out_in, output_size)
+        self.rnn = make_rnn(cell, sum(sizes[x] for x in mode.rnn_reads), hidden_size, layers, dropout)
+        if mode.score is not None:
+            self.attention = Attention(mode.score, hidden_size, enc_size)
+        self.pre_output = nn.Linear(sum(sizes[x] for x in mode.features), output_size)
         # On the embeddings and the output features only (as OpenNMT-py): dropping the RNN outputs as well
         # learned slower at equal time on Multi30k (docs/performance.md).
         self.dropout = Dropout(dropout)
@@ -112,7 +133,7 @@ class Decoder(nn.Module):
             cell = (torch.tanh(self.cell_bridge(enc.final_cell)).view(B, self.layers, self.hidden_size)
                     .transpose(0, 1).contiguous())
         feed = enc.final.new_zeros(B, self.output_size) if self.input_feeding else None
-        keys = self.attention.keys(enc.states) if self.mode == "attention" else None
+        keys = self.attention.keys(enc.states) if self.mode.score is not None else None
         return DecoderState(hidden, cell, feed, enc.final, enc.states, keys, enc.mask)
 
     def _run_rnn(self, x: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
@@ -129,76 +150,82 @@ class Decoder(nn.Module):
         ctx, weights = self.attention(query.view(-1, state.group, query.size(-1)), state.keys, state.states, state.mask)
         return ctx.flatten(0, 1), weights.flatten(0, 1)
 
-    def _features(self, emb: torch.Tensor, s: torch.Tensor, state: DecoderState,
-                  attn_ctx: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Decoder outputs s (B, [T,] H) -> output features (B, [T,] O) and attention weights."""
-        weights = None
-        if self.luong:
-            ctx, weights = self._attend(s, state)
-            feats = [ctx, s]
-        elif self.bahdanau:
-            assert attn_ctx is not None  # the Bahdanau paths attend before the RNN and pass its context
-            feats = [s, attn_ctx, emb]
-        elif self.mode == "every_step":
-            ctx = state.per_row(state.context) if s.dim() == 2 else state.context.unsqueeze(1).expand(-1, s.size(1), -1)
-            feats = [s, ctx, emb]
-        else:
-            feats = [s, emb]
-        return torch.tanh(self.pre_output(torch.cat(feats, dim=-1))), weights
+    @staticmethod
+    def _fixed(state: DecoderState, like: torch.Tensor) -> torch.Tensor:
+        """The fixed context for rows like `like`: one step (B * group, E) or all steps (B, T, E)."""
+        if like.dim() == 2:
+            return state.per_row(state.context)
+        return state.context.unsqueeze(1).expand(-1, like.size(1), -1)
 
-    def _bahdanau_rnn_step(self, emb: torch.Tensor, state: DecoderState
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DecoderState]:
-        """Attend with the previous state, then one RNN step: emb (B, E) -> (out (B, 1, H), context, weights, state)."""
-        attn_ctx, weights = self._attend(state.hidden[-1], state)
-        out, state = self._run_rnn(torch.cat([emb, attn_ctx], dim=-1).unsqueeze(1), state)
-        return out, attn_ctx, weights, state
+    def _features(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the mode's output layer reads, one step (B, *) or all steps (B, T, *) -> features (B, [T,] O)."""
+        return torch.tanh(self.pre_output(_joined(parts, self.mode.features)))
 
     def step(self, prev: torch.Tensor,
              state: DecoderState) -> tuple[torch.Tensor, DecoderState, Optional[torch.Tensor]]:
         """One step for a batch of previous tokens (B,) -> (features (B, O), new state, attention weights)."""
-        emb = self.dropout(self.embed(prev))
-        weights: Optional[torch.Tensor]
-        if self.bahdanau:
-            out, attn_ctx, weights, state = self._bahdanau_rnn_step(emb, state)
-            feats, _ = self._features(emb, out.squeeze(1), state, attn_ctx)
-            return self.dropout(feats), state, weights
-        inputs, weights = [emb], None
-        if self.mode == "every_step":
-            inputs.append(state.per_row(state.context))
-        if self.input_feeding:
-            inputs.append(state.feed)
-        out, state = self._run_rnn(torch.cat(inputs, dim=-1).unsqueeze(1), state)
-        feats, weights = self._features(emb, out.squeeze(1), state)
+        parts, weights, state = self._rnn_step(self.dropout(self.embed(prev)), state)
+        if self.mode.context == "after":
+            parts["ctx"], weights = self._attend(parts["out"], state)
+        feats = self._features(parts)
         if self.input_feeding:
             state = replace(state, feed=feats)
         return self.dropout(feats), state, weights
 
+    def _rnn_step(self, emb: torch.Tensor, state: DecoderState
+                  ) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor], DecoderState]:
+        """One RNN step on what the mode reads, the embedding emb (B, E) first -> (the parts so far, with the RNN
+        output "out" (B, H); attention weights when attended before the step; the new state)."""
+        parts, weights = self._before_rnn(emb, state)
+        out, state = self._run_rnn(_joined(parts, self.mode.rnn_reads).unsqueeze(1), state)
+        parts["out"] = out.squeeze(1)
+        return parts, weights, state
+
+    def _before_rnn(self, emb: torch.Tensor, state: DecoderState
+                    ) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:
+        """A step's inputs known before its RNN step: the embedding, the previous features, the fixed context or
+        the attention queried with the previous state -> (parts, attention weights)."""
+        parts, weights = {"emb": emb}, None
+        if self.input_feeding:
+            assert state.feed is not None  # init_state makes it for input feeding
+            parts["feed"] = state.feed
+        if self.mode.context == "fixed":
+            parts["ctx"] = self._fixed(state, emb)
+        elif self.mode.context == "before":
+            parts["ctx"], weights = self._attend(state.hidden[-1], state)
+        return parts, weights
+
     def forward(self, tgt_in: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Teacher-forced features for a whole target (B, T) -> (B, T, O), and the attention weights
         (B, T, S) with context attention, else None."""
-        weights: Union[list[Optional[torch.Tensor]], Optional[torch.Tensor]]  # per step in the loops, or all steps
-        if self.input_feeding:
+        if self.input_feeding:  # each step reads the last one's features: step by step
             outs, weights = [], []
             for t in range(tgt_in.size(1)):
-                feats, state, w = self.step(tgt_in[:, t], state)
+                feats, state, step_w = self.step(tgt_in[:, t], state)
                 outs.append(feats)
-                weights.append(w)
-            # input feeding is for luong_* attention only (ModelConfig): every step has weights
-            return torch.stack(outs, dim=1), torch.stack(cast(list[torch.Tensor], weights), dim=1)
+                weights.append(cast(torch.Tensor, step_w))  # input feeding is for attention: each step has weights
+            return torch.stack(outs, dim=1), torch.stack(weights, dim=1)
         emb = self.dropout(self.embed(tgt_in))
-        if self.bahdanau:
+        w: Optional[torch.Tensor]
+        if self.mode.context == "before":
             # Only attention and the RNN recur; the output features of all steps are one matrix product after.
-            outs, contexts, weights = [], [], []
+            outs, contexts, ws = [], [], []
             for emb_t in emb.unbind(1):  # not emb[:, t]: each slice's backward would zero a whole (B, T, E) gradient
-                out, attn_ctx, w, state = self._bahdanau_rnn_step(emb_t, state)
-                outs.append(out)
-                contexts.append(attn_ctx)
-                weights.append(w)
-            feats, _ = self._features(emb, torch.cat(outs, dim=1), state, torch.stack(contexts, dim=1))
-            return self.dropout(feats), torch.stack(cast(list[torch.Tensor], weights), dim=1)
-        x = emb
-        if self.mode == "every_step":
-            x = torch.cat([emb, state.context.unsqueeze(1).expand(-1, emb.size(1), -1)], dim=-1)
-        out, state = self._run_rnn(x, state)
-        feats, weights = self._features(emb, out, state)
-        return self.dropout(feats), weights
+                parts, w, state = self._rnn_step(emb_t, state)
+                outs.append(parts["out"])
+                contexts.append(parts["ctx"])
+                ws.append(cast(torch.Tensor, w))
+            parts = {"emb": emb, "out": torch.stack(outs, dim=1), "ctx": torch.stack(contexts, dim=1)}
+            return self.dropout(self._features(parts)), torch.stack(ws, dim=1)
+        # Nothing outside the RNN recurs: the whole target in one RNN call.
+        parts, w = self._before_rnn(emb, state)
+        out, state = self._run_rnn(_joined(parts, self.mode.rnn_reads), state)
+        parts["out"] = out
+        if self.mode.context == "after":
+            parts["ctx"], w = self._attend(out, state)
+        return self.dropout(self._features(parts)), w
+
+
+def _joined(parts: dict[str, torch.Tensor], names: tuple[str, ...]) -> torch.Tensor:
+    """The named parts side by side on the last axis (one part is passed as it is: no copy)."""
+    return parts[names[0]] if len(names) == 1 else torch.cat([parts[x] for x in names], dim=-1)

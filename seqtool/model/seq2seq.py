@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from seqtool.config import ModelConfig
-from seqtool.model.decoder import Decoder, DecoderState
+from seqtool.model.decoder import Decoder, DecoderState, mode_of
 from seqtool.model.encoder import Encoder
 from seqtool.model.loss import linear_cross_entropy
 from seqtool.tokenizer import PAD
@@ -27,7 +27,7 @@ class Seq2Seq(nn.Module):
         output_size = cfg.embedding_size if cfg.tie_embeddings else cfg.hidden_size
         tgt_embed = nn.Embedding(tgt_vocab, cfg.embedding_size, padding_idx=PAD)
         self.decoder = Decoder(tgt_embed, cfg.cell, cfg.hidden_size, cfg.decoder_layers, self.encoder.output_size,
-                               cfg.context, cfg.attention, cfg.input_feeding, output_size, cfg.dropout)
+                               mode_of(cfg.context, cfg.attention, cfg.input_feeding), output_size, cfg.dropout)
         self.output = nn.Linear(output_size, tgt_vocab)
         # Copying writes attention mass onto source ids as target ids: one shared vocabulary.
         assert not cfg.copy_source or src_vocab == tgt_vocab, "model.copy_source needs a joint vocabulary"
