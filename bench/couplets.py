@@ -12,6 +12,9 @@
    asked length, and of lines 2 and 4 ending on a 平 tone; prints 20 of them.
 
     python bench/couplets.py --minutes 30 [--first runs/poem_first] [--side-by-side] [--skip-training --out DIR]
+        [--data couplets] [--average 5] [--set model.dropout=0.1 ...]
+--average N also keeps the last N validations' models and averages them (`seqtool average`); the rules
+are then decoded with whichever of the best and the averaged model has the higher chrF on 1,000 dev lines.
 Every figure goes to OUT/results.json (default runs/bench_couplets/<stamp>).
 """
 
@@ -45,17 +48,18 @@ REFERENCE = [
 ]
 
 
-def train_all(minutes: float, out: Path, side_by_side: bool) -> dict[str, Path]:
+def train_all(minutes: float, out: Path, side_by_side: bool, data: list[str], extra: list[str]) -> dict[str, Path]:
     """Every data variant for MINUTES: one after another with every core (the budget issue 19 states: 30 minutes
     on 2 cores), or with --side-by-side all at once, the cores shared out, so each run sees the same machine at
     the same time whatever else it does (half the budget each on 2 cores)."""
-    threads = max(1, (os.cpu_count() or 1) // len(DATA)) if side_by_side else 0
+    threads = max(1, (os.cpu_count() or 1) // len(data)) if side_by_side else 0
     runs = {}
-    for label, flags in DATA.items():
+    for label in data:
+        flags = DATA[label]
         model_dir = out / label.replace(" ", "").replace("+", "_")
         args = ["train", "-c", "configs/couplets.yaml", "-q", "--set", f"training.model_dir={model_dir}",
                 "--set", f"training.max_minutes={minutes}", "--set", f"training.threads={threads}",
-                "--set", "training.valid_every=200", *flags]  # a point every few minutes: a curve
+                "--set", "training.valid_every=200", *flags, *extra]  # a point every few minutes: a curve
         log = open(out / f"train.{model_dir.name}.log", "wb")
         runs[label] = (model_dir, subprocess.Popen([sys.executable, "-m", "seqtool", *args], cwd=ROOT, stderr=log), log)
         if not side_by_side:  # the next starts when this one is done
@@ -78,11 +82,11 @@ def scores(hyp: Path, src: Path, ref: Path, out: Path) -> dict:
     return {k: round(v, 2) for k, v in json.loads(scored.read_text())["scores"].items()}
 
 
-def long_subset(out: Path, files: dict[str, Path], keep: list[int]) -> dict[str, Path]:
+def long_subset(out: Path, files: dict[str, Path], keep: list[int], prefix: str = "long") -> dict[str, Path]:
     subset = {}
     for name, path in files.items():
         lines = path.read_text(encoding="utf-8").splitlines()
-        subset[name] = out / f"long.{path.name}"
+        subset[name] = out / f"{prefix}.{path.name}"
         subset[name].write_text("".join(lines[i] + "\n" for i in keep), encoding="utf-8")
     return subset
 
@@ -135,16 +139,23 @@ def main() -> None:
     ap.add_argument("--first", type=Path, help="a first-line model (configs/poem_first.yaml) for the acrostic check")
     ap.add_argument("--side-by-side", action="store_true", help="train the data variants at once, the cores shared out")
     ap.add_argument("--skip-training", action="store_true", help="reuse the models in --out")
+    ap.add_argument("--data", action="append", choices=list(DATA), help="train only these data variants (repeatable)")
+    ap.add_argument("--average", type=int, default=0, help="also average the last N validations' models")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every training run (repeatable)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_couplets" / time.strftime("%Y%m%d-%H%M%S"))
     args = ap.parse_args()
     if not COUPLETS.is_dir():
         sys.exit(f"needs the shared corpora in {COUPLETS}")
     args.out.mkdir(parents=True, exist_ok=True)
+    data = args.data or list(DATA)
+    extra = [a for o in args.overrides + ([f"training.keep_last={args.average}"] if args.average else [])
+             for a in ("--set", o)]
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; budget {args.minutes:g} min per model, "
-          f"{len(DATA)} {'side by side' if args.side_by_side else 'one after another, every core each'}; "
-          f"out: {args.out}")
-    models = ({label: args.out / label.replace(" ", "").replace("+", "_") for label in DATA} if args.skip_training
-              else train_all(args.minutes, args.out, args.side_by_side))
+          f"{len(data)} {'side by side' if args.side_by_side else 'one after another, every core each'}; "
+          f"overrides: {' '.join(extra[1::2]) or 'none'}; out: {args.out}")
+    models = ({label: args.out / label.replace(" ", "").replace("+", "_") for label in data} if args.skip_training
+              else train_all(args.minutes, args.out, args.side_by_side, data, extra))
     seqtool("plot", *map(str, models.values()), "--x", "time", "-o", str(args.out / "couplet_curves.png"),
             log=args.out / "plot.log")
     curves = []
@@ -155,12 +166,22 @@ def main() -> None:
     print("\n## dev curves\n" + table(curves))
     best = min(models, key=lambda m: min(c["dev loss"] for c in curves if c["data"] == m))
     data_rows = [{"data": label, "set": "test", **scores_of(model, args.out)} for label, model in models.items()]
+    chosen = models[best]
+    if args.average:
+        averaged = args.out / f"{chosen.name}.avg{args.average}.safetensors"
+        seqtool("average", str(chosen), "-o", str(averaged), "-n", str(args.average), log=args.out / "average.log")
+        data_rows.append({"data": f"{best}, last {args.average} averaged", "set": "test",
+                          **scores_of(averaged, args.out)})
+        dev = {m: dev_chrf(m, args.out) for m in (chosen, averaged)}
+        print(f"\ndev chrF (1,000 lines, all rules): best {dev[chosen]}, averaged {dev[averaged]}")
+        chosen = max(dev, key=dev.__getitem__)
     print("\n## data at an equal budget (all rules)\n" + table(data_rows))
-    rows = decode_rules(models[best], args.out)
-    print(f"\n## decoding rules ({best} model)\n" + table(rows) + "\n\n" + "\n".join("- " + r for r in REFERENCE))
-    results = {"curves": curves, "data": data_rows, "rules": rows, "best": best}
+    rows = decode_rules(chosen, args.out)
+    print(f"\n## decoding rules ({chosen.name})\n" + table(rows) + "\n\n" + "\n".join("- " + r for r in REFERENCE))
+    results = {"curves": curves, "data": data_rows, "rules": rows, "best": best, "decoded": chosen.name,
+               "overrides": extra[1::2]}
     if args.first:
-        summary, examples = poems(args.first, models[best], args.out)
+        summary, examples = poems(args.first, chosen, args.out)
         print("\n## acrostic poems\n" + table([summary]) + "\n\n" + table(examples))
         results["poems"] = summary
     (args.out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=1))
@@ -170,6 +191,14 @@ def scores_of(model: Path, out: Path) -> dict:
     hyp = out / f"test.{model.name}.hyp"
     seqtool("translate", "-m", str(model), str(COUPLETS / "test.src"), "-o", str(hyp), log=out / "decode.log")
     return scores(hyp, COUPLETS / "test.src", COUPLETS / "test.tgt", out)
+
+
+def dev_chrf(model: Path, out: Path, n: int = 1000) -> float:
+    """chrF on the first n dev lines: picks between models without looking at the test set."""
+    dev = long_subset(out, {"src": COUPLETS / "val.src", "ref": COUPLETS / "val.tgt"}, list(range(n)), "first")
+    hyp = out / f"dev.{model.name}.hyp"
+    seqtool("translate", "-m", str(model), str(dev["src"]), "-o", str(hyp), log=out / "decode.log")
+    return scores(hyp, dev["src"], dev["ref"], out)["chrf"]
 
 
 if __name__ == "__main__":
