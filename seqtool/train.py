@@ -117,12 +117,19 @@ def update_plateau(cfg: TrainingConfig, progress: Progress, score: float, higher
             progress.plateau_bad = 0
 
 
-def limit_reached(cfg: TrainingConfig, progress: Progress) -> str:
-    """Why training must stop now because of max_steps / max_minutes, or ''."""
+def stop_reason(cfg: TrainingConfig, progress: Progress, signal: Optional[str] = None, stalled: bool = False) -> str:
+    """The one place that says why training stops now, or '': a signal, then early stopping (`stalled`: the
+    last validations did not improve), then the limits (max_steps, max_minutes, max_epochs)."""
+    if signal:
+        return f"stopped by {signal}"
+    if stalled:
+        return f"early stopping: no improvement in {cfg.patience} validations"
     if cfg.max_steps and progress.step >= cfg.max_steps:
         return f"reached training.max_steps={cfg.max_steps}"
     if cfg.max_minutes and progress.elapsed_s >= cfg.max_minutes * 60:
         return f"reached training.max_minutes={cfg.max_minutes:g}"
+    if cfg.max_epochs and progress.epoch >= cfg.max_epochs:
+        return f"reached training.max_epochs={cfg.max_epochs}"
     return ""
 
 
@@ -320,57 +327,55 @@ class Trainer:
         return improved
 
     # -- the loop ------------------------------------------------------------------------------
+    def train_step(self, whole: Examples) -> Optional[float]:
+        """One update on a global batch: this rank's share forward and backward, the NaN policy, clipping and the
+        optimizer step -> the loss summed over all ranks, or None when the batch was skipped."""
+        t, p = self.cfg.training, self.progress
+        mine, real = whole, True
+        if self.ranks.parallel:
+            share, real = my_share(range(len(whole)), self.ranks)
+            mine = whole.subset(share)
+        batch = make_batch(mine.src, mine.tgt).to(self.precision.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(t, p)
+        loss = batch_loss(self.net, batch, t.label_smoothing, self.precision)
+        if not real:  # a stand-in sentence: takes part in the gradient exchange, adds nothing
+            loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        local = loss.item()
+        total, nonfinite = all_reduce([local if math.isfinite(local) else 0.0, float(not math.isfinite(local))],
+                                      self.ranks)
+        if nonfinite:
+            shown = local if not math.isfinite(local) else float("nan")
+            if t.on_nan == "stop":
+                raise SeqtoolError(f"step {p.step + 1}: loss is {shown}; stopped (training.on_nan=stop); "
+                                   f"the checkpoints in {self.dir} are from before it")
+            self.reporter.log(f"step {p.step + 1}: loss is {shown}; batch skipped (training.on_nan=skip)")
+            return None
+        # DDP averages over ranks: scaling by world makes it the global per-token mean.
+        self.scaler.scale(loss / target_tokens(whole) * self.ranks.world).backward()
+        if t.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients (fp16 scales them)
+            torch.nn.utils.clip_grad_norm_(self.bundle.model.parameters(), t.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return total
+
     def run(self) -> str:
         """Train until a limit, early stopping or a signal; returns why it stopped."""
-        t, p, model = self.cfg.training, self.progress, self.bundle.model
-        model.train()
+        t, p = self.cfg.training, self.progress
+        self.bundle.model.train()
         start = time.monotonic() - p.elapsed_s
-        window = {"loss": 0.0, "tokens": 0, "sents": 0, "t0": time.monotonic()}
-        last_rates = (0.0, 0.0)
+        window, last_rates = Window(), (0.0, 0.0)
         first_step = p.step
-        reason = limit_reached(t, p)  # a finished run resumed with the same limits does nothing
         with StopFlag() as stop:
+            reason = stop_reason(t, p)  # a finished run resumed with the same limits does nothing
             while not reason:
-                if t.max_epochs and p.epoch >= t.max_epochs:
-                    reason = f"reached training.max_epochs={t.max_epochs}"
-                    break
                 batches, n_batches = self.epoch_batches(p.epoch)
                 limits = [n for n in (t.max_steps, t.max_epochs * (n_batches or 0)) if n]
                 self.reporter.set_total(min(limits) if limits else None)
                 for whole in islice(batches, p.batch_in_epoch, None):  # resuming mid-epoch skips what was done
-                    mine, real = whole, True
-                    if self.ranks.parallel:
-                        share, real = my_share(range(len(whole)), self.ranks)
-                        mine = whole.subset(share)
-                    batch = make_batch(mine.src, mine.tgt).to(self.precision.device)
-                    # Every rank knows the whole batch, so the global token count needs no message.
-                    tokens = sum(len(y) + 1 for y in whole.tgt) if self.ranks.parallel else batch.n_tgt_tokens
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = learning_rate(t, p)
-                    loss = batch_loss(self.net, batch, t.label_smoothing, self.precision)
-                    if not real:  # a stand-in sentence: takes part in the gradient exchange, adds nothing
-                        loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
-                    self.optimizer.zero_grad(set_to_none=True)
-                    local = loss.item()
-                    total, nonfinite = all_reduce([local if math.isfinite(local) else 0.0,
-                                                   float(not math.isfinite(local))], self.ranks)
-                    if nonfinite:
-                        shown = local if not math.isfinite(local) else float("nan")
-                        if t.on_nan == "stop":
-                            raise SeqtoolError(f"step {p.step + 1}: loss is {shown}; stopped (training.on_nan=stop); "
-                                               f"the checkpoints in {self.dir} are from before it")
-                        self.reporter.log(f"step {p.step + 1}: loss is {shown}; batch skipped (training.on_nan=skip)")
-                    else:
-                        # DDP averages over ranks: scaling by world makes it the global per-token mean.
-                        self.scaler.scale(loss / tokens * self.ranks.world).backward()
-                        if t.clip_grad_norm > 0:
-                            self.scaler.unscale_(self.optimizer)  # clip the true gradients (fp16 scales them)
-                            torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
-                        self.scaler.step(self.optimizer)
-                        self.scaler.update()
-                        window["loss"] += total
-                    window["tokens"] += tokens
-                    window["sents"] += len(whole)
+                    window.add(self.train_step(whole), target_tokens(whole), len(whole))
                     p.step += 1
                     p.batch_in_epoch += 1
                     # The slowest rank's clock and any rank's signal decide for all, so all stop together.
@@ -378,32 +383,57 @@ class Trainer:
                                                         self.ranks, "max")
                     if signalled and not stop.signal:
                         stop.signal = "a signal to another rank"
-                    dt = max(time.monotonic() - window["t0"], 1e-9)
-                    tok_s, sent_s = window["tokens"] / dt, window["sents"] / dt
-                    self.reporter.step(p.step, f"loss {window['loss'] / max(window['tokens'], 1):.3f} "
-                                               f"{tok_s:,.0f} tok/s lr {learning_rate(t, p):.2e}")
+                    sent_s, tok_s = window.rates()
+                    self.reporter.step(p.step, f"loss {window.mean_loss():.3f} {tok_s:,.0f} tok/s "
+                                               f"lr {learning_rate(t, p):.2e}")
+                    stalled = False
                     if p.step % t.valid_every == 0:
                         last_rates = (sent_s, tok_s)
-                        train_loss = window["loss"] / max(window["tokens"], 1)
-                        improved = self._on_main(partial(self.validate, train_loss, sent_s, tok_s))
-                        window = {"loss": 0.0, "tokens": 0, "sents": 0, "t0": time.monotonic()}
+                        improved = self._on_main(partial(self.validate, window.mean_loss(), sent_s, tok_s))
+                        window = Window()
                         p.elapsed_s = time.monotonic() - start  # validation time counts against max_minutes
-                        if not improved and t.patience and p.bad_validations >= t.patience:
-                            reason = f"early stopping: no improvement in {t.patience} validations"
-                    reason = reason or limit_reached(t, p)
-                    if stop.signal:
-                        reason = f"stopped by {stop.signal}"
+                        stalled = not improved and t.patience > 0 and p.bad_validations >= t.patience
+                    reason = stop_reason(t, p, stop.signal, stalled)
                     if reason:
                         break
                 else:
                     self.end_epoch()
+                    reason = stop_reason(t, p, stop.signal)
         if stop.signal:
             self._on_main(lambda: self.save_checkpoint(best=False, validated=False))
         elif p.step % t.valid_every != 0 and p.step > first_step:
-            dt = max(time.monotonic() - window["t0"], 1e-9)
-            rates = (window["sents"] / dt, window["tokens"] / dt) if window["tokens"] else last_rates
-            self._on_main(lambda: self.validate(window["loss"] / max(window["tokens"], 1), *rates))
+            rates = window.rates() if window.tokens else last_rates
+            self._on_main(lambda: self.validate(window.mean_loss(), *rates))
         return reason
+
+
+def target_tokens(batch: Examples) -> int:
+    """Target tokens of a (global) batch, EOS included: what the loss is a mean over. Every rank knows the whole
+    batch, so the global count needs no message."""
+    return sum(len(y) + 1 for y in batch.tgt)
+
+
+@dataclass
+class Window:
+    """Loss and throughput since the last validation."""
+
+    loss: float = 0.0  # summed over the steps that were not skipped
+    tokens: int = 0
+    sents: int = 0
+    t0: float = field(default_factory=time.monotonic)
+
+    def add(self, loss: Optional[float], tokens: int, sents: int) -> None:
+        self.loss += 0.0 if loss is None else loss
+        self.tokens += tokens
+        self.sents += sents
+
+    def mean_loss(self) -> float:
+        return self.loss / max(self.tokens, 1)
+
+    def rates(self) -> tuple[float, float]:
+        """(sentences/s, target tokens/s)."""
+        dt = max(time.monotonic() - self.t0, 1e-9)
+        return self.sents / dt, self.tokens / dt
 
 
 def check_before_start(cfg: Config, resume: bool) -> None:
