@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Optional
 
 import torch
 
@@ -86,6 +86,22 @@ class Examples:
 
     def subset(self, idx: Sequence[int]) -> Examples:
         return Examples([self.src[i] for i in idx], [self.tgt[i] for i in idx])
+
+    # As training data (train.TrainingData, which shards.ShardStream also is):
+    @property
+    def known_pairs(self) -> int:
+        return len(self)
+
+    def epoch(self, batch_tokens: int, seed: int, sentences: int = 0) -> tuple[Iterator[Examples], Optional[int]]:
+        """An epoch's batches in training order, and how many there are."""
+        batches = epoch_batches(self, batch_tokens, seed, sentences)
+        return (self.subset(idx) for idx in batches), len(batches)
+
+    def finished_epoch(self) -> str:
+        return ""  # what was kept and dropped is logged once, when the data is read
+
+    def pairs(self) -> Iterator[tuple[list[int], list[int]]]:
+        return zip(self.src, self.tgt)
 
 
 def encode_pairs(

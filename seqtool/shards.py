@@ -13,8 +13,9 @@ from __future__ import annotations
 import glob
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain, zip_longest
+from typing import Optional
 
 from seqtool.data import Examples, encode_pairs, epoch_batches, iter_lines, read_pairs
 from seqtool.errors import DataError
@@ -109,6 +110,8 @@ class ShardStream:
     max_tgt_len: int
     truncate_src: int
     buffer: int
+    counts: Counts = field(default_factory=Counts, init=False)  # of the epoch being read
+    _known: Optional[int] = field(default=None, init=False)
 
     def _encoded(self, rng: random.Random, counts: Counts) -> Iterator[tuple[list[int], list[int]]]:
         order = list(self.shards)
@@ -128,6 +131,26 @@ class ShardStream:
     def pairs(self) -> Iterator[tuple[list[int], list[int]]]:
         """One pass over the encoded pairs, shards in a fixed order (for counting, not training)."""
         return self._encoded(random.Random(0), Counts())
+
+    # As training data (train.TrainingData, which data.Examples also is):
+    @property
+    def known_pairs(self) -> Optional[int]:
+        """Pairs kept, once an epoch has read them all."""
+        return self._known
+
+    def epoch(self, batch_tokens: int, seed: int, sentences: int = 0) -> tuple[Iterator[Examples], None]:
+        """An epoch's batches in training order; how many there are is not known before they are read."""
+        self.counts = Counts()
+        return self.batches(batch_tokens, seed, self.counts, sentences), None
+
+    def finished_epoch(self) -> str:
+        """What the epoch just read kept and dropped."""
+        c = self.counts
+        if not c.pairs:
+            raise DataError("no training pairs left after filtering; check data.max_src_len / max_tgt_len")
+        self._known = c.pairs
+        return (f"streamed {c.pairs:,} training pairs ({c.dropped_long} over the length limits and "
+                f"{c.dropped_empty} with an empty side dropped)")
 
     def batches(self, batch_tokens: int, seed: int, counts: Counts, sentences: int = 0) -> Iterator[Examples]:
         """One epoch's batches; `counts` is filled in as the stream is read."""

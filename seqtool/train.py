@@ -12,7 +12,7 @@ from functools import partial
 from itertools import chain, islice
 from pathlib import Path
 from types import FrameType
-from typing import Any, Optional, Union, cast
+from typing import Any, Optional, Protocol, Union, cast
 
 import torch
 from pydantic import TypeAdapter, ValidationError
@@ -39,7 +39,7 @@ from seqtool.errors import ConfigError, DataError, ModelFileError, SeqtoolError
 from seqtool.metrics import logged
 from seqtool.model.seq2seq import build_model
 from seqtool.progress import Reporter
-from seqtool.shards import Counts, ShardStream, read_shards, shard_pairs, side_lines
+from seqtool.shards import ShardStream, read_shards, shard_pairs, side_lines
 from seqtool.shortlist import MAX_PAIRS, build_shortlist
 from seqtool.tokenizer import Tokenizer, train_tokenizer
 from seqtool.translate import Translator
@@ -208,11 +208,26 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+class TrainingData(Protocol):
+    """Training pairs as each epoch's batches: in memory (data.Examples) or streamed from shards each epoch
+    (shards.ShardStream); the trainer does not tell them apart."""
+
+    @property
+    def known_pairs(self) -> Optional[int]: ...  # pairs kept, once known (a stream's after its first epoch)
+
+    def epoch(self, batch_tokens: int, seed: int, sentences: int = 0
+              ) -> tuple[Iterator[Examples], Optional[int]]: ...  # the batches, and their number when known
+
+    def finished_epoch(self) -> str: ...  # a log line on what the epoch read, or ""
+
+    def pairs(self) -> Iterator[tuple[list[int], list[int]]]: ...  # one pass in a fixed order, for counting
+
+
 @dataclass
 class Trainer:
     cfg: Config
     bundle: ModelBundle
-    train: Union[Examples, ShardStream]  # in memory, or streamed from disk each epoch (data.stream)
+    train: TrainingData  # in memory, or streamed from disk each epoch (data.stream)
     valid: Optional[Examples]
     valid_src: list[str]
     valid_ref: list[str]
@@ -229,30 +244,14 @@ class Trainer:
         # Several processes: DDP averages the gradients; the plain model still validates and is saved.
         gpu = [self.precision.device] if self.precision.device.type == "cuda" else None
         self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=gpu) if self.ranks.parallel else model
-        # streamed: known after an epoch
-        self.train_pairs = len(self.train) if isinstance(self.train, Examples) else None
-        self.counts = Counts()
-
-    def epoch_batches(self, epoch: int) -> tuple[Iterator[Examples], Optional[int]]:
-        """The epoch's batches in training order, and how many there are (None when streamed)."""
-        t = self.cfg.training
-        if isinstance(self.train, ShardStream):
-            self.counts = Counts()
-            return self.train.batches(t.batch_tokens, t.seed + epoch, self.counts, t.batch_sentences), None
-        batches = epoch_batches(self.train, t.batch_tokens, seed=t.seed + epoch, sentences=t.batch_sentences)
-        return (self.train.subset(idx) for idx in batches), len(batches)
 
     def end_epoch(self) -> None:
         p = self.progress
         p.epoch += 1
         p.batch_in_epoch = 0
-        if isinstance(self.train, ShardStream):
-            c = self.counts
-            if not c.pairs:
-                raise SeqtoolError("no training pairs left after filtering; check data.max_src_len / max_tgt_len")
-            self.train_pairs = c.pairs
-            self.reporter.log(f"epoch {p.epoch}: streamed {c.pairs:,} training pairs ({c.dropped_long} over the length "
-                              f"limits and {c.dropped_empty} with an empty side dropped)")
+        report = self.train.finished_epoch()
+        if report:
+            self.reporter.log(f"epoch {p.epoch}: {report}")
 
     def _on_main(self, fn):
         """Validate / save on rank 0; every rank then continues with rank 0's progress."""
@@ -265,7 +264,8 @@ class Trainer:
         p = self.progress
         return {
             "seqtool_version": __version__, "step": p.step, "epoch": p.epoch, "elapsed_s": round(p.elapsed_s, 1),
-            "train_pairs": self.train_pairs, "train_src": self.cfg.data.train_src, "train_tgt": self.cfg.data.train_tgt,
+            "train_pairs": self.train.known_pairs, "train_src": self.cfg.data.train_src,
+            "train_tgt": self.cfg.data.train_tgt,
             "params": sum(t.numel() for t in self.bundle.model.parameters()),
             "precision": f"{self.precision.name} ({self.precision.why})",
             "best": {self.cfg.training.keep_best_by: p.best, "step": p.best_step}, "last_valid": p.last_valid,
@@ -371,7 +371,7 @@ class Trainer:
         with StopFlag() as stop:
             reason = stop_reason(t, p)  # a finished run resumed with the same limits does nothing
             while not reason:
-                batches, n_batches = self.epoch_batches(p.epoch)
+                batches, n_batches = self.train.epoch(t.batch_tokens, t.seed + p.epoch, t.batch_sentences)
                 limits = [n for n in (t.max_steps, t.max_epochs * (n_batches or 0)) if n]
                 self.reporter.set_total(min(limits) if limits else None)
                 for whole in islice(batches, p.batch_in_epoch, None):  # resuming mid-epoch skips what was done
@@ -534,8 +534,7 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
             raise SeqtoolError("no training pairs left after filtering; check data.max_src_len / max_tgt_len")
     if not resume:
         start = time.time()
-        pairs = train.pairs() if isinstance(train, ShardStream) else zip(train.src, train.tgt)
-        bundle.shortlist = build_shortlist(pairs, bundle.src_tok.vocab_size, bundle.tgt_tok.vocab_size)
+        bundle.shortlist = build_shortlist(train.pairs(), bundle.src_tok.vocab_size, bundle.tgt_tok.vocab_size)
         reporter.log(f"shortlist table (decoding.shortlist) from up to {MAX_PAIRS:,} pairs in "
                      f"{time.time() - start:.1f} s")
         release_freed_memory()

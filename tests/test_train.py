@@ -38,7 +38,7 @@ def test_resumed_run_matches_uninterrupted_run_bitwise(tmp_path):
 def test_batch_sentences_gives_the_trainer_batches_of_that_many_sentences(tmp_path):
     cfg = validate(tiny_config(tmp_path / "m", training={**SMALL, "batch_sentences": 7}))
     trainer = prepare(cfg, Reporter(quiet=True), False)
-    batches, count = trainer.epoch_batches(0)
+    batches, count = trainer.train.epoch(cfg.training.batch_tokens, 0, cfg.training.batch_sentences)
     sizes = sorted(len(b) for b in batches)
     assert count == len(sizes) and sizes[1:] == [7] * (len(sizes) - 1) and sum(sizes) == len(trainer.train)
 
