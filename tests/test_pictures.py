@@ -95,7 +95,7 @@ def test_attention_weights_match_the_search_and_need_an_attention_model():
                     "tokenizer": {"vocab_size": 300}})
     tok = train_tokenizer([f"alpha beta {i}" for i in range(50)], cfg.tokenizer)
     model = build_model(cfg.model, tok.vocab_size, tok.vocab_size).eval()
-    with pytest.raises(SeqtoolError, match="context 'attention', not 'init'"):
+    with pytest.raises(SeqtoolError, match="context 'attention'; this model's decoder does not attend"):
         Translator(model, tok, tok, cfg.decoding, with_attention=True)
 
     attn_cfg = cfg.model.model_copy(update={"context": "attention"})
