@@ -105,10 +105,10 @@ class Shortlisted:
              ) -> tuple[torch.Tensor, DecoderState, Optional[torch.Tensor]]:
         output = self.vocab.output
         if state.allowed is not None:
-            banned = ~state.per_row(state.allowed)
+            banned = state.per_row(~state.allowed)  # negated per sentence, then repeated for its rows
 
             def output(feats: torch.Tensor) -> torch.Tensor:
-                return self.vocab.output(feats).masked_fill(banned, float("-inf"))
+                return self.vocab.output(feats).masked_fill_(banned, float("-inf"))  # fresh logits: in place
         return self.model.step(self.vocab.ids[prev], state, output)
 
 

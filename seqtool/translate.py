@@ -254,8 +254,10 @@ class Translator:
                                     torch.tensor(req, dtype=torch.long)) for src, req in zip(ids, required)]
         union = torch.unique(torch.cat(lists))
         allowed = torch.stack([torch.isin(union, own) for own in lists])
-        union, allowed = union.to(self.model.device), allowed.to(self.model.device)
-        return BatchVocab(union, self._output_rows.restricted(union), allowed)
+        # Every line holding the whole union (one line, or alike ones) needs no mask at each step.
+        mask = None if bool(allowed.all()) else allowed.to(self.model.device)
+        union = union.to(self.model.device)
+        return BatchVocab(union, self._output_rows.restricted(union), mask)
 
     def translate(self, lines: Sequence[str | Source], first_lineno: int = 1) -> list[Translation]:
         """Translate lines in any order of length; the result has one entry per line, in order."""
