@@ -248,23 +248,26 @@ def model_card(bundle: ModelBundle, path: Path) -> dict[str, Any]:
 @dataclass
 class TrainState:
     """What `--resume` restores: the model, each parameter's optimizer slots, the progress record, the RNG
-    states (the CPU's, and the CUDA device's when training ran on one) and the fp16 gradient scaler's state."""
+    states (the CPU's, and the CUDA device's when training ran on one), the fp16 gradient scaler's state and the
+    learning-rate schedule's (checked against the config when it is restored: `Schedule.restore`)."""
 
     bundle: ModelBundle
     optimizer: dict[int, dict[str, torch.Tensor]]  # parameter index -> Adam's step, exp_avg, exp_avg_sq
     progress: dict[str, Any]
     rng: dict[str, torch.Tensor]  # "torch", and "cuda" for a CUDA run
     scaler: dict[str, Any] = field(default_factory=dict)  # GradScaler.state_dict(); empty unless fp16 scaled
+    schedule: dict[str, Any] = field(default_factory=dict)  # Schedule.state(); empty from an earlier seqtool
 
 
 def save_state(path: Path, state: TrainState) -> None:
-    """One file with all a resumed run needs: model, tokenizers, optimizer, progress, RNG and loss scale."""
+    """One file with all a resumed run needs: model, tokenizers, optimizer, progress, RNG, loss scale and
+    learning-rate schedule."""
     tensors, meta = bundle_tensors(state.bundle)
     for pid, slots in state.optimizer.items():
         for name, value in slots.items():
             tensors[f"optim.{pid}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors.update({f"rng.{name}": t for name, t in state.rng.items()})
-    meta.update(progress=state.progress, scaler=state.scaler)
+    meta.update(progress=state.progress, scaler=state.scaler, schedule=state.schedule)
     atomic_write(path, _pack(tensors, STATE_FORMAT, meta))
 
 
@@ -307,9 +310,11 @@ def load_state(path: Path) -> TrainState:
         problems.append("damaged gradient scaler state")
     if not isinstance(meta.get("progress"), dict):
         problems.append("no progress record")
+    if not isinstance(meta.get("schedule", {}), dict):
+        problems.append("damaged learning-rate schedule state")
     if problems:
         raise ModelFileError(f"{path}: damaged training state ({'; '.join(problems[:3])})")
-    return TrainState(bundle, optimizer, meta["progress"], rng, scaler)
+    return TrainState(bundle, optimizer, meta["progress"], rng, scaler, meta.get("schedule", {}))
 
 
 def step_models(model_dir: Path) -> list[Path]:

@@ -144,6 +144,12 @@ class TrainingConfig(Section):
             raise ValueError(f"training.keep_best_by {name!r}: choose from {', '.join(choices)}")
         return name
 
+    @model_validator(mode="after")
+    def _min_lr_below_lr(self) -> TrainingConfig:
+        if self.min_lr > self.lr:  # a floor above the rate would silently raise it
+            raise ValueError(f"training.min_lr {self.min_lr:g} is above training.lr {self.lr:g}")
+        return self
+
 
 class DecodingConfig(Section):
     beam_size: int = Field(default=5, gt=0, le=256)

@@ -39,6 +39,7 @@ from seqtool.errors import ConfigError, DataError, ModelFileError, SeqtoolError
 from seqtool.metrics import logged
 from seqtool.model.seq2seq import build_model
 from seqtool.progress import Reporter
+from seqtool.schedule import make_schedule
 from seqtool.shards import ShardStream, read_shards, shard_pairs, side_lines
 from seqtool.shortlist import MAX_PAIRS, build_shortlist
 from seqtool.tokenizer import Tokenizer, train_tokenizer
@@ -56,9 +57,6 @@ class Progress:
     best: Optional[float] = None
     best_step: int = 0
     bad_validations: int = 0
-    lr_scale: float = 1.0  # reduce-on-plateau factor so far
-    plateau_best: Optional[float] = None
-    plateau_bad: int = 0
     last_valid: dict = field(default_factory=dict)
 
     @classmethod
@@ -68,8 +66,8 @@ class Progress:
             progress = TypeAdapter(cls).validate_python(saved, strict=False)
         except ValidationError:
             progress = None
-        counts = ("step", "epoch", "batch_in_epoch", "elapsed_s", "best_step", "bad_validations", "plateau_bad")
-        if progress is None or min(getattr(progress, c) for c in counts) < 0 or not progress.lr_scale > 0:
+        counts = ("step", "epoch", "batch_in_epoch", "elapsed_s", "best_step", "bad_validations")
+        if progress is None or min(getattr(progress, c) for c in counts) < 0:
             raise ModelFileError(f"{path}: damaged training state (progress record)")
         return progress
 
@@ -92,29 +90,6 @@ def restore_rng(states: dict[str, torch.Tensor], device: torch.device) -> bool:
         except RuntimeError:  # a state of another size: not this torch's CUDA generator
             raise ModelFileError("--resume: the saved CUDA generator state does not fit this GPU's generator") from None
     return device.type != "cuda" or "cuda" in states
-
-
-def learning_rate(cfg: TrainingConfig, progress: Progress) -> float:
-    """constant; plateau (scaled down on stalled validation); inverse_sqrt with linear warmup."""
-    lr = cfg.lr * progress.lr_scale
-    if cfg.schedule == "inverse_sqrt":
-        step, warm = max(progress.step, 1), max(cfg.warmup_steps, 1)
-        lr = cfg.lr * min(step / warm, math.sqrt(warm / step))
-    return max(lr, cfg.min_lr)
-
-
-def update_plateau(cfg: TrainingConfig, progress: Progress, score: float, higher_is_better: bool) -> None:
-    if cfg.schedule != "plateau":
-        return
-    better = progress.plateau_best is None or (score > progress.plateau_best if higher_is_better
-                                               else score < progress.plateau_best)
-    if better:
-        progress.plateau_best, progress.plateau_bad = score, 0
-    else:
-        progress.plateau_bad += 1
-        if progress.plateau_bad > cfg.plateau_patience:
-            progress.lr_scale *= cfg.plateau_factor
-            progress.plateau_bad = 0
 
 
 def stop_reason(cfg: TrainingConfig, progress: Progress, signal: Optional[str] = None, stalled: bool = False) -> str:
@@ -240,6 +215,9 @@ class Trainer:
         self.dir = Path(self.cfg.training.model_dir)
         model = self.bundle.model.to(self.precision.device)
         self.optimizer = make_optimizer(model, self.cfg.training.lr)
+        # Higher dev scores are better, except the loss (also the training loss, when there is no dev set).
+        self.higher_is_better = self.cfg.training.keep_best_by != "loss" and self.valid is not None
+        self.schedule = make_schedule(self.cfg.training, self.optimizer, self.higher_is_better)
         self.scaler = self.precision.scaler()
         # Several processes: DDP averages the gradients; the plain model still validates and is saved.
         gpu = [self.precision.device] if self.precision.device.type == "cuda" else None
@@ -254,9 +232,12 @@ class Trainer:
             self.reporter.log(f"epoch {p.epoch}: {report}")
 
     def _on_main(self, fn):
-        """Validate / save on rank 0; every rank then continues with rank 0's progress."""
-        result, progress = main_does(lambda: (fn(), self.progress), self.ranks)
+        """Validate / save on rank 0; every rank then continues with rank 0's progress and learning rate."""
+        if not self.ranks.parallel:
+            return fn()
+        result, progress, schedule = main_does(lambda: (fn(), self.progress, self.schedule.state()), self.ranks)
         vars(self.progress).update(vars(progress))
+        self.schedule.restore(schedule, "rank 0")
         return result
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -282,7 +263,8 @@ class Trainer:
                 old.unlink()
         scaler = self.scaler.state_dict() if self.scaler.is_enabled() else {}
         save_state(self.dir / STATE_FILE, TrainState(self.bundle, self.optimizer.state_dict()["state"],
-                                                     asdict(self.progress), rng_states(self.precision.device), scaler))
+                                                     asdict(self.progress), rng_states(self.precision.device), scaler,
+                                                     self.schedule.state()))
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self, train_loss: float, sent_s: float, tok_s: float) -> bool:
@@ -290,7 +272,7 @@ class Trainer:
         model, t = self.bundle.model, self.cfg.training
         model.eval()
         record = {"step": self.progress.step, "epoch": self.progress.epoch, "time_s": round(self.progress.elapsed_s, 1),
-                  "lr": learning_rate(t, self.progress), "train_loss": round(train_loss, 4),
+                  "lr": self.schedule.lr, "train_loss": round(train_loss, 4),
                   "train_sent_per_s": round(sent_s, 1), "train_tgt_tok_per_s": round(tok_s, 1)}
         if self.valid is not None:
             release_freed_memory()  # the training steps' free blocks, so the decoder's own need not stack on them
@@ -310,14 +292,13 @@ class Trainer:
             score = train_loss
         model.train()
         release_freed_memory()
-        higher = t.keep_best_by != "loss" and self.valid is not None
-        p = self.progress
+        higher, p = self.higher_is_better, self.progress
         improved = math.isfinite(score) and (p.best is None or (score > p.best if higher else score < p.best))
         if improved:
             p.best, p.best_step, p.bad_validations = score, p.step, 0
         else:
             p.bad_validations += 1
-        update_plateau(t, p, score, higher)
+        self.schedule.after_validation(score)
         p.last_valid = record
         append_line(self.dir / "metrics.jsonl", json.dumps(record))
         shown = {k: v for k, v in record.items() if k.startswith("valid_")}
@@ -336,8 +317,6 @@ class Trainer:
             share, real = my_share(range(len(whole)), self.ranks)
             mine = whole.subset(share)
         batch = make_batch(mine.src, mine.tgt).to(self.precision.device)
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(t, p)
         loss = batch_loss(self.net, batch, t.label_smoothing, self.precision)
         if not real:  # a stand-in sentence: takes part in the gradient exchange, adds nothing
             loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
@@ -378,6 +357,7 @@ class Trainer:
                     window.add(self.train_step(whole), target_tokens(whole), len(whole))
                     p.step += 1
                     p.batch_in_epoch += 1
+                    self.schedule.after_step()
                     # The slowest rank's clock and any rank's signal decide for all, so all stop together.
                     signalled, p.elapsed_s = all_reduce([float(bool(stop.signal)), time.monotonic() - start],
                                                         self.ranks, "max")
@@ -385,7 +365,7 @@ class Trainer:
                         stop.signal = "a signal to another rank"
                     sent_s, tok_s = window.rates()
                     self.reporter.step(p.step, f"loss {window.mean_loss():.3f} {tok_s:,.0f} tok/s "
-                                               f"lr {learning_rate(t, p):.2e}")
+                                               f"lr {self.schedule.lr:.2e}")
                     stalled = False
                     if p.step % t.valid_every == 0:
                         last_rates = (sent_s, tok_s)
@@ -555,6 +535,10 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
         # The parameter groups (lr, betas, ...) come from the config: only the per-parameter slots are saved.
         trainer.optimizer.load_state_dict({"state": saved.optimizer,
                                            "param_groups": trainer.optimizer.state_dict()["param_groups"]})
+        if saved.schedule:
+            trainer.schedule.restore(saved.schedule, str(state_path))
+        else:  # saved by an earlier seqtool, which kept the plateau's record in the progress record
+            trainer.schedule.restore_legacy(saved.progress)
         if not restore_rng(saved.rng, precision.device):
             reporter.log("the saved state has no CUDA generator (it trained on the CPU, or an older seqtool saved it): "
                          "dropout continues from a fresh seed")

@@ -12,8 +12,10 @@ from seqtool.checkpoint import STATE_FILE, load_state
 from seqtool.distributed import Ranks, my_share
 
 # No dropout: then 2 processes sharing each global batch compute the same gradients as 1 process
-# (up to the order of float additions), and the runs can be compared step for step.
-SETUP = {"training": {"max_steps": 60, "valid_every": 30, "valid_max_sentences": 50, "batch_tokens": 800, "lr": 0.003},
+# (up to the order of float additions), and the runs can be compared step for step. The dev BLEU of 60 steps
+# stalls, so the plateau schedule, which rank 0 steps, halves the rate from step 30 on: every rank must follow.
+SETUP = {"training": {"max_steps": 60, "valid_every": 15, "valid_max_sentences": 50, "batch_tokens": 800, "lr": 0.003,
+                      "schedule": "plateau", "plateau_patience": 0},
          "model": {"embedding_size": 32, "encoder_hidden_size": 32, "hidden_size": 32, "dropout": 0.0}}
 
 
@@ -34,7 +36,8 @@ def test_two_processes_follow_one_process_and_resume(tmp_path):
     # Rank 0 alone logs: each validation once.
     assert one.stderr.count("validation at step 30") == two_half.stderr.count("validation at step 30") == 1
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [30, 60]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [15, 30, 45, 60]
+    assert [r["lr"] for r in a] == [r["lr"] for r in b] == [0.003, 0.003, 0.0015, 0.00075]
     for ra, rb in zip(a, b):
         for key in ("train_loss", "valid_loss"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-3), (key, ra, rb)

@@ -6,33 +6,56 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, tiny_config, write_config
+from conftest import ROOT, read_metrics, run_cli, tiny_config, write_config
 from seqtool.checkpoint import STATE_FILE, TrainState, load_state, save_state
-from seqtool.config import TrainingConfig, validate
+from seqtool.config import validate
 from seqtool.device import Precision
 from seqtool.progress import Reporter
-from seqtool.train import Progress, learning_rate, prepare, restore_rng, rng_states, run_training, update_plateau
+from seqtool.train import prepare, restore_rng, rng_states, run_training
 
 SMALL = {"max_steps": 40, "valid_every": 20, "valid_max_sentences": 30, "batch_tokens": 600}
 
 
-def test_resumed_run_matches_uninterrupted_run_bitwise(tmp_path):
-    straight = validate(tiny_config(tmp_path / "a", training=SMALL))
+# The dev BLEU of 40 steps stalls (at 0), so the plateau schedule halves the rate after a first validation.
+SCHEDULES = {"constant": {}, "inverse_sqrt": {"schedule": "inverse_sqrt", "warmup_steps": 15},
+             "plateau": {"schedule": "plateau", "plateau_patience": 0, "valid_every": 5}}
+
+
+def _legacy(path):
+    """Rewrite a training state as a seqtool before saved schedules wrote it: the plateau's record in the
+    progress record, no schedule state."""
+    state = load_state(path)
+    plateau = state.schedule["state"]
+    state.progress.update(lr_scale=plateau["_last_lr"][0] / state.schedule["settings"]["lr"],
+                          plateau_best=plateau["best"], plateau_bad=plateau["num_bad_epochs"])
+    save_state(path, replace(state, schedule={}))
+
+
+@pytest.mark.parametrize("schedule", [*SCHEDULES, "legacy plateau"])
+def test_resumed_run_matches_uninterrupted_run_bitwise(tmp_path, schedule):
+    training = {**SMALL, **SCHEDULES[schedule.removeprefix("legacy ")]}
+    straight = validate(tiny_config(tmp_path / "a", training=training))
     run_training(straight, quiet=True)
-    first_half = validate(tiny_config(tmp_path / "b", training={**SMALL, "max_steps": 20}))
+    first_half = validate(tiny_config(tmp_path / "b", training={**training, "max_steps": 20}))
     run_training(first_half, quiet=True)
-    second_half = validate(tiny_config(tmp_path / "b", training=SMALL))
+    if schedule.startswith("legacy"):
+        _legacy(tmp_path / "b" / STATE_FILE)
+    second_half = validate(tiny_config(tmp_path / "b", training=training))
     run_training(second_half, resume=True, quiet=True)
     a, b = load_state(tmp_path / "a" / STATE_FILE), load_state(tmp_path / "b" / STATE_FILE)
     assert a.progress["step"] == b.progress["step"] == 40
     for (name, wa), (_, wb) in zip(a.bundle.model.state_dict().items(), b.bundle.model.state_dict().items()):
         assert torch.equal(wa, wb), name
-    assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") == 2
-    assert (tmp_path / "b" / "metrics.jsonl").read_text() .count("\n") == 2
+    rates = [r["lr"] for r in read_metrics(tmp_path / "a")]
+    assert [r["lr"] for r in read_metrics(tmp_path / "b")] == rates
+    assert len(rates) == 40 // training["valid_every"]
+    if "plateau" in schedule:
+        assert rates[-1] < rates[0]  # it did scale down, and the resumed run continued the same way
 
 
 def test_batch_sentences_gives_the_trainer_batches_of_that_many_sentences(tmp_path):
@@ -104,6 +127,8 @@ def test_refuses_to_overwrite_a_run_and_resume_needs_a_run(tmp_path):
     assert proc.returncode == 1 and "nothing to resume" in proc.stderr
     changed = run_cli("train", "-c", str(path), "--resume", "--set", "model.hidden_size=48")
     assert changed.returncode == 2 and "model section differs" in changed.stderr
+    faster = run_cli("train", "-c", str(path), "--resume", "--set", "training.lr=0.01")
+    assert faster.returncode == 2 and "--resume: training.lr differ(s) from the run in" in faster.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -125,19 +150,6 @@ def test_signal_saves_a_resumable_checkpoint_and_exits_zero(tmp_path, sig):
     resumed = run_cli("train", "-c", str(path), "--resume", "--set", f"training.max_steps={progress['step'] + 5}")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming at step {progress['step']}" in resumed.stderr
-
-
-def test_schedules():
-    t = TrainingConfig(lr=1.0, schedule="inverse_sqrt", warmup_steps=100, min_lr=0.0)
-    assert learning_rate(t, Progress(step=50)) == pytest.approx(0.5)
-    assert learning_rate(t, Progress(step=100)) == pytest.approx(1.0)
-    assert learning_rate(t, Progress(step=400)) == pytest.approx(0.5)
-    t = TrainingConfig(lr=1.0, schedule="plateau", plateau_patience=1, plateau_factor=0.5, min_lr=0.0)
-    p = Progress()
-    for score in (10, 11, 10, 10, 12):  # higher is better: two misses after 11 halve the rate
-        update_plateau(t, p, score, higher_is_better=True)
-    assert learning_rate(t, p) == pytest.approx(0.5)
-    assert learning_rate(TrainingConfig(lr=1e-3), Progress(step=7)) == pytest.approx(1e-3)
 
 
 @pytest.mark.parametrize("policy", ["skip", "stop"])
