@@ -114,8 +114,10 @@ def _alike(saved: Any, fresh: Any) -> bool:
             _alike(saved[k], fresh[k]) for k in fresh)
     if isinstance(fresh, list):
         return isinstance(saved, list) and len(saved) == len(fresh) and all(map(_alike, saved, fresh))
-    if isinstance(fresh, bool) or fresh is None or isinstance(fresh, str):
-        return saved == fresh if not isinstance(fresh, bool) else isinstance(saved, bool)
+    if isinstance(fresh, bool):
+        return isinstance(saved, bool)
+    if fresh is None or isinstance(fresh, str):
+        return saved == fresh
     if isinstance(fresh, (int, float)):
         return isinstance(saved, (int, float)) and not isinstance(saved, bool) and not math.isnan(saved)
     return False
