@@ -51,7 +51,8 @@ class TokenizerConfig(Section):
 
 
 class ModelConfig(Section):
-    cell: Literal["gru", "lstm", "rnn"] = "gru"
+    cell: str = Field(default="gru", description="the RNN of encoder and decoder: a name in "
+                      "seqtool.model.encoder.RNN_CELLS (gru, lstm, rnn)")
     embedding_size: int = Field(default=256, gt=0, le=65536)
     encoder_hidden_size: int = Field(default=256, gt=0, le=65536)
     encoder_layers: int = Field(default=1, gt=0, le=16)
@@ -68,6 +69,17 @@ class ModelConfig(Section):
     copy_source: bool = Field(
         default=False, description="pointer-generator: mix generating a token with copying a source "
                                    "token by attention (context attention and a joint tokenizer)")
+
+    @field_validator("cell")
+    @classmethod
+    def _known_cell(cls, name: str) -> str:
+        # The cells' one home is the encoder's table. Imported here, not at the top, so that this module
+        # stays torch-free (fast --help and config checks); a config naming a cell is about to build a model.
+        from seqtool.model.encoder import RNN_CELLS
+
+        if name not in RNN_CELLS:
+            raise ValueError(f"model.cell {name!r}: choose from {', '.join(RNN_CELLS)}")
+        return name
 
     @model_validator(mode="after")
     def _combinations(self) -> ModelConfig:
