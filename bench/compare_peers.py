@@ -37,14 +37,15 @@ MEASURE = PEERS / "lib" / "measure.py"
 
 
 def measure(cmd: list[str], report: Path, budget: float = 0, stdout: Path | None = None,
-            stderr: Path | None = None) -> dict:
-    """Run through the peers' own measure.py, so both sides are timed the same way."""
+            stderr: Path | None = None, cwd: Path = ROOT) -> dict:
+    """Run through the peers' own measure.py, so both sides are timed the same way (in `cwd`: `python -m
+    seqtool` there runs that tree's seqtool)."""
     m = [sys.executable, str(MEASURE), "--report", str(report), "--budget", str(budget), "--grace", "120"]
     if stdout:
         m += ["--stdout", str(stdout)]
     if stderr:
         m += ["--stderr", str(stderr)]
-    subprocess.run(m + ["--"] + cmd, cwd=ROOT, check=False)
+    subprocess.run(m + ["--"] + cmd, cwd=cwd, check=False)
     return json.loads(report.read_text())
 
 
@@ -89,13 +90,15 @@ def runnable(variant: str) -> bool:
 DECODED = tuple(filter(runnable, ("fp32", "fast", "fast-bf16")))
 
 
-def seqtool_decode(out: Path, model_dir: str, beam: int, extra: tuple[str, ...] = (), label: str = "") -> dict:
-    """Decode test2016 at batch 64 (`extra`: more translate flags, `label` names their files)."""
+def seqtool_decode(out: Path, model_dir: str, beam: int, extra: tuple[str, ...] = (), label: str = "",
+                   tree: Path = ROOT) -> dict:
+    """Decode test2016 at batch 64 (`extra`: more translate flags, `label` names their files) with the seqtool
+    of `tree` (this one, or a worktree of another revision)."""
     name = f"{Path(model_dir).name}.b{beam}{label}"
     hyp = out / f"test2016.{name}.en"
     cmd = [sys.executable, "-m", "seqtool", "translate", "-m", model_dir, str(DATA / "test2016.de"),
            "-o", str(hyp), "--beam", str(beam), "--batch-size", "64", *extra]
-    rep = measure(cmd, out / f"decode_{name}.json", stderr=out / f"decode_{name}.log")
+    rep = measure(cmd, out / f"decode_{name}.json", stderr=out / f"decode_{name}.log", cwd=tree)
     log = (out / f"decode_{name}.log").read_text()
     tool_s = float(re.findall(r"translated \d+ lines in ([\d.]+) s", log)[-1])
     hyps = hyp.read_text(encoding="utf-8").splitlines()

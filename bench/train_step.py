@@ -17,11 +17,10 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from worktree import ROOT, checked_out, short
 
 # Run inside each tree's own interpreter process: imports that tree's seqtool, prints seconds per step.
 WORKER = r"""
@@ -83,19 +82,13 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=1300, help="target tokens per batch (about 72 sentences)")
     args = ap.parse_args()
     config = args.config.resolve()
-    with tempfile.TemporaryDirectory() as tmp:
-        base_tree = Path(tmp) / "base"
-        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(base_tree), args.rev], cwd=ROOT, check=True)
-        try:
-            runs: dict[str, list[dict]] = {"base": [], "this": []}
-            for _ in range(args.rounds):
-                runs["base"].append(measure(base_tree, config, args.steps, args.batch_tokens))
-                runs["this"].append(measure(ROOT, config, args.steps, args.batch_tokens))
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=ROOT, check=True)
+    runs: dict[str, list[dict]] = {"base": [], "this": []}
+    with checked_out(args.rev) as base_tree:
+        for _ in range(args.rounds):
+            runs["base"].append(measure(base_tree, config, args.steps, args.batch_tokens))
+            runs["this"].append(measure(ROOT, config, args.steps, args.batch_tokens))
     med = {k: statistics.median(r["sent_per_s"] for r in v) for k, v in runs.items()}
-    rev = subprocess.run(["git", "rev-parse", "--short", args.rev], cwd=ROOT, capture_output=True,
-                         text=True).stdout.strip()
+    rev = short(args.rev)
     print(f"{config.name}, {args.rounds} rounds x {args.steps} steps, {time.strftime('%Y-%m-%d %H:%M')}\n")
     print("| tree | sentences/s (median) | rounds | ratio |\n|---|---:|---|---:|")
     for name, label in (("base", f"{args.rev} ({rev})"), ("this", "working tree")):

@@ -53,17 +53,25 @@ class Shortlist:
                 and f.dim() == 1 and bool(((t >= -1) & (t < tgt_vocab)).all())
                 and bool(((f >= 0) & (f < tgt_vocab)).all()))
 
-    def ids(self, sources: Sequence[Sequence[int]], per_token: int, frequent: int, with_sources: bool,
-            forced: torch.Tensor) -> torch.Tensor:
-        """Sorted target ids for a batch of source id lists: specials, `frequent` most frequent tokens,
-        `per_token` associated tokens per source token, the source tokens themselves if `with_sources`
-        (one vocabulary: names pass through, copying lands on them), and the `forced` tokens."""
-        src = torch.tensor(sorted({i for s in sources for i in s}), dtype=torch.long)
-        assoc = self.table[src, :per_token].flatten()
-        parts = [torch.arange(SPECIALS), self.frequent[:frequent], assoc[assoc >= 0], forced.long()]
+    def rows(self, sources: Sequence[Sequence[int]], per_token: int, frequent: int, with_sources: bool,
+             forced: Sequence[Sequence[int]], tgt_vocab: int) -> torch.Tensor:
+        """(B, tgt_vocab) bool: the target ids each source id list of a batch may produce: specials, the
+        `frequent` most frequent tokens, `per_token` associated tokens per source token, the source tokens
+        themselves if `with_sources` (one vocabulary: names pass through, copying lands on them), and its
+        `forced` tokens. One scatter for the batch: a unique and an isin per sentence took 0.25 s of the 1.7 s
+        that greedy decoding of test2016 took."""
+        own = torch.zeros(len(sources), tgt_vocab, dtype=torch.bool)
+        own[:, :SPECIALS] = True
+        own[:, self.frequent[:frequent]] = True
+        row = torch.tensor([b for b, s in enumerate(sources) for _ in s], dtype=torch.long)
+        src = torch.tensor([i for s in sources for i in s], dtype=torch.long)
+        assoc = self.table[src, :per_token]  # (tokens, per_token), -1 past a source token's associations
+        known = assoc >= 0
+        own[row.unsqueeze(1).expand_as(assoc)[known], assoc[known]] = True
         if with_sources:
-            parts.append(src)
-        return torch.unique(torch.cat(parts))  # sorted: ids 0..EOS sit at positions 0..EOS
+            own[row, src] = True
+        own[[b for b, f in enumerate(forced) for _ in f], [t for f in forced for t in f]] = True
+        return own
 
 
 def _widened(t: torch.Tensor) -> torch.Tensor:

@@ -250,10 +250,10 @@ class Translator:
         output layer cut to the union."""
         assert self.shortlist is not None and self._output_rows is not None
         d = self.decoding
-        lists = [self.shortlist.ids([src], d.shortlist, d.shortlist_frequent, self.src_tok is self.tgt_tok,
-                                    torch.tensor(req, dtype=torch.long)) for src, req in zip(ids, required)]
-        union = torch.unique(torch.cat(lists))
-        allowed = torch.stack([torch.isin(union, own) for own in lists])
+        own = self.shortlist.rows(ids, d.shortlist, d.shortlist_frequent, self.src_tok is self.tgt_tok, required,
+                                  self.tgt_tok.vocab_size)
+        union = own.any(0).nonzero().squeeze(1)  # sorted: ids 0..EOS sit at positions 0..EOS
+        allowed = own[:, union]
         # Every line holding the whole union (one line, or alike ones) needs no mask at each step.
         mask = None if bool(allowed.all()) else allowed.to(self.model.device)
         union = union.to(self.model.device)

@@ -30,13 +30,21 @@ def test_table_ranks_targets_by_dice_and_frequent_by_count():
     assert sl.fits(15, 25) and not sl.fits(16, 25) and not sl.fits(15, 22)
 
 
-def test_batch_ids_are_sorted_and_keep_the_special_ids_in_place():
+def _held(rows: torch.Tensor) -> list[list[int]]:
+    return [r.nonzero().squeeze(1).tolist() for r in rows]
+
+
+def test_each_sentence_has_its_own_list_with_the_special_ids():
     sl = build_shortlist(iter(PAIRS), 15, 25, size=3)
-    ids = sl.ids([[10], [12, 12]], per_token=1, frequent=1, with_sources=False, forced=torch.tensor([24]))
-    assert ids.tolist() == [0, 1, 2, 3, 20, 22, 24]
-    with_sources = sl.ids([[10], [12, 12]], per_token=1, frequent=1, with_sources=True, forced=torch.tensor([24]))
-    assert with_sources.tolist() == [0, 1, 2, 3, 10, 12, 20, 22, 24]
-    assert ids[EOS] == EOS
+    # specials 0..3, the most frequent target (20), each source token's best association, its own forced ids
+    rows = sl.rows([[10], [12, 12]], per_token=1, frequent=1, with_sources=False, forced=[[24], []], tgt_vocab=25)
+    assert rows.shape == (2, 25) and _held(rows) == [[0, 1, 2, 3, 20, 24], [0, 1, 2, 3, 20, 22]]
+    with_sources = sl.rows([[10], [12, 12]], per_token=1, frequent=1, with_sources=True, forced=[[24], []],
+                           tgt_vocab=25)
+    assert _held(with_sources) == [[0, 1, 2, 3, 10, 20, 24], [0, 1, 2, 3, 12, 20, 22]]
+    assert _held(sl.rows([[10], [11]], per_token=2, frequent=0, with_sources=False, forced=[[], []], tgt_vocab=25)
+                 ) == [[0, 1, 2, 3, 20, 21], [0, 1, 2, 3, 21, 22]]
+    assert rows.any(0).nonzero().squeeze(1)[EOS] == EOS  # in the union, the specials keep their ids as positions
 
 
 def test_restricted_output_layer_gives_the_same_scores_as_the_full_layer_in_fp32_and_in_int8():
@@ -116,7 +124,8 @@ def test_forced_tokens_are_kept_and_placed_with_a_shortlist(srcs, subset, beam):
     punct = [5, 6]
     forced = [[t if t in punct else -1 for t in s] for s in srcs]
     sl = Shortlist(torch.full((V, 1), -1, dtype=torch.long), torch.tensor(sorted(subset)))
-    ids = sl.ids(srcs, 1, len(subset), False, torch.tensor([t for f in forced for t in f if t >= 0], dtype=torch.long))
+    rows = sl.rows(srcs, 1, len(subset), False, [[t for t in f if t >= 0] for f in forced], V)
+    ids = rows.any(0).nonzero().squeeze(1)
     for src, hyps in zip(srcs, _search(("gru", "attention"), srcs, ids, beam, forced=forced, free_banned=punct)):
         for h in hyps:
             assert len(h.tokens) == len(src)
