@@ -317,6 +317,17 @@ def load_state(path: Path) -> TrainState:
     return TrainState(bundle, optimizer, meta["progress"], rng, scaler, meta.get("schedule", {}))
 
 
+def state_progress(path: Path) -> dict[str, Any]:
+    """The progress record of a training state, read from its header alone (no tensors); {} when the file is
+    not a readable state (load_state then says what is wrong with it)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            progress = json.loads((f.metadata() or {}).get("progress", "{}"))
+    except Exception:  # safetensors' own errors, OSError, bad JSON: whatever it is, it is not a record to read
+        return {}
+    return progress if isinstance(progress, dict) else {}
+
+
 def step_models(model_dir: Path) -> list[Path]:
     """The per-validation model files of a run, oldest first."""
     return sorted(Path(model_dir).glob("step" + "[0-9]" * 8 + ".safetensors"))

@@ -60,6 +60,9 @@ def train(
                               "torchrun --nproc-per-node). One process per GPU or per machine's worth of cores: on one "
                               "CPU a single process already uses every core, so 2 processes on 2 cores run slower "
                               "(docs/scaling.md)."),
+    max_restarts: int = typer.Option(0, "--max-restarts", help="With --nproc: when a process dies (killed, out of "
+                                     "memory), start them all again up to this many times, resuming from the last "
+                                     "checkpoint (as torchrun --max-restarts)."),
     quiet: bool = QuietOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v",
                                  help="Print the resolved config, and a log line every 10 steps instead of the bar."),
@@ -87,12 +90,16 @@ def train(
     cfg = load_config(config, overrides, {k: v for k, v in flags.items() if v is not None})
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, not {nproc}")
+    if max_restarts and nproc == 1:
+        raise ConfigError("--max-restarts needs --nproc 2 or more (or torchrun --max-restarts)")
+    if max_restarts < 0:
+        raise ConfigError(f"--max-restarts must be at least 0, not {max_restarts}")
     if nproc != 1:
         from seqtool.distributed import launch
 
         check_before_start(cfg, resume)  # the usual mistakes once, here, rather than once per process
         raise typer.Exit(launch(nproc, cfg, [*(["--resume"] if resume else []), *(["-q"] if quiet else []),
-                                             *(["-v"] if verbose else [])]))
+                                             *(["-v"] if verbose else [])], max_restarts))
     run_training(cfg, resume=resume, quiet=quiet, verbose=verbose)
 
 

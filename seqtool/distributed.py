@@ -6,16 +6,23 @@ same seed; each takes every world-th sentence of a batch, and DistributedDataPar
 gradients. Rank 0 alone validates, logs and writes files, and tells the others what it decided.
 With one process (no torchrun) every function here is a no-op, so the single-process path is
 exactly the plain one.
+
+A rank that stops on a user error leaves it in the launcher's key-value store before it exits; a rank
+that then loses contact with it (a collective fails) reports that error, not a network one. When
+torchrun restarts the workers after one died (`--max-restarts`), TORCHELASTIC_RESTART_COUNT says so
+and TORCHELASTIC_RUN_ID names the job, so that they resume from its own last checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Optional, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -33,6 +40,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     group: Any = field(default=None, compare=False)  # CPU (gloo) group for decisions when NCCL moves gradients
+    store: Any = field(default=None, compare=False)  # the launcher's key-value store: where a failing rank says why
 
     @property
     def main(self) -> bool:
@@ -52,11 +60,77 @@ def init_from_env(cuda: bool = False) -> Ranks:
         return Ranks()
     # Rank 0 validates while the others wait in a broadcast: allow long validations.
     timeout = timedelta(hours=2)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
+    rank = int(os.environ["RANK"])
+    store = _attempt_store(rank, world, timeout)
+    dist.init_process_group(backend="nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                            timeout=timeout)
     # Decisions and counters are small CPU values: with NCCL they travel in a gloo group of their own.
     group = dist.new_group(backend="gloo", timeout=timeout) if cuda else None
-    return Ranks(dist.get_rank(), dist.get_world_size(), group)
+    return Ranks(rank, world, group, store)
+
+
+def _attempt_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
+    """The key-value store the ranks meet in (as init_process_group's env:// makes it: torchrun's agent hosts
+    it, or rank 0 without one), its keys kept apart per attempt: the agent's store outlives a restart, and a
+    restarted rank that read a dead rank's address from the attempt before could not connect to it."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=rank == 0
+                          and not agent, timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore(f"seqtool/attempt{restarts()[0]}", store)
+
+
+def restarts() -> tuple[int, int]:
+    """(restarts so far, restarts allowed) of this job's workers under torchrun's elastic agent; (0, 0) otherwise."""
+    return (int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0), int(os.environ.get("TORCHELASTIC_MAX_RESTARTS")
+                                                                         or 0))
+
+
+def job_id() -> str:
+    """The launcher's id of this job (torchrun's --rdzv-id; a fresh one with --standalone or `seqtool train
+    --nproc`), saved with each checkpoint so that restarted workers know their own job's; '' without one, and
+    for torchrun's default id 'none', which every job shares."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return "" if run_id == "none" else run_id
+
+
+def _error_key(rank: int) -> str:
+    return f"error/rank{rank}"
+
+
+def leave_error(exc: SeqtoolError, ranks: Ranks) -> None:
+    """Before this rank stops on `exc`: leave it where the others look when they lose contact with this rank."""
+    if ranks.store is None:
+        return
+    try:
+        ranks.store.set(_error_key(ranks.rank), json.dumps([exc.exit_code, str(exc)]))
+    except (RuntimeError, ValueError):  # the store went with its host: the others learn only that this rank stopped
+        pass
+
+
+# How gloo and torch's store say that the other end of a connection is gone (a RuntimeError, or a DistError).
+PEER_GONE = re.compile(r"Connection (closed|reset) by peer|Broken pipe|connectFullMesh failed|Connection refused")
+
+
+def lost_contact(exc: BaseException, ranks: Ranks) -> bool:
+    """`exc` is a collective that failed because another rank is gone."""
+    return ranks.parallel and isinstance(exc, RuntimeError) and bool(PEER_GONE.search(str(exc)))
+
+
+def error_left(ranks: Ranks) -> Optional[SeqtoolError]:
+    """The user error another rank left before it stopped, if one did (the lowest rank's, if several)."""
+    for rank in range(ranks.world):
+        if rank == ranks.rank or ranks.store is None:
+            continue
+        try:
+            if not ranks.store.check([_error_key(rank)]):
+                continue
+            code, message = json.loads(ranks.store.get(_error_key(rank)))
+        except (RuntimeError, ValueError):  # no store to ask any more
+            return None
+        error = SeqtoolError(message)
+        error.exit_code = code
+        return error
+    return None
 
 
 def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
@@ -114,10 +188,11 @@ def main_does(fn: Callable[[], T], ranks: Ranks) -> T:
     return cast(T, result)  # error is None: rank 0's fn() returned it
 
 
-def launch(nproc: int, cfg: Config, flags: Sequence[str]) -> int:
+def launch(nproc: int, cfg: Config, flags: Sequence[str], max_restarts: int = 0) -> int:
     """`seqtool train --nproc N ...`: run `seqtool train -c RESOLVED FLAGS` in N local processes through torch's
     elastic launcher (what torchrun --standalone does), RESOLVED being `cfg` as the command resolved it, so each
-    worker trains exactly that; returns the exit code of the first failing rank, or 0.
+    worker trains exactly that; when a worker dies, all are started again up to `max_restarts` times (they
+    resume from the last checkpoint). Returns the exit code of the first failing rank, or 0.
 
     The workers print their own errors (rank 0 only); the launcher's own logging is kept quiet.
     """
@@ -132,7 +207,8 @@ def launch(nproc: int, cfg: Config, flags: Sequence[str]) -> int:
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts,
+                          monitor_interval=0.5)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does: N processes share the cores
     with tempfile.TemporaryDirectory(prefix="seqtool-launch-") as tmp:
         resolved = os.path.join(tmp, "config.yaml")

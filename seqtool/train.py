@@ -29,12 +29,26 @@ from seqtool.checkpoint import (
     load_state,
     save_model,
     save_state,
+    state_progress,
     step_models,
 )
 from seqtool.config import Config, TrainingConfig, dump_config
 from seqtool.data import Examples, encode_pairs, epoch_batches, make_batch, read_pairs
 from seqtool.device import FP32_CPU, Precision, pick_device, pick_precision, release_freed_memory
-from seqtool.distributed import Ranks, all_reduce, init_from_env, main_does, my_share, rank_device, shutdown
+from seqtool.distributed import (
+    Ranks,
+    all_reduce,
+    error_left,
+    init_from_env,
+    job_id,
+    leave_error,
+    lost_contact,
+    main_does,
+    my_share,
+    rank_device,
+    restarts,
+    shutdown,
+)
 from seqtool.errors import ConfigError, DataError, ModelFileError, SeqtoolError
 from seqtool.metrics import logged
 from seqtool.model.seq2seq import build_model
@@ -58,6 +72,7 @@ class Progress:
     best_step: int = 0
     bad_validations: int = 0
     last_valid: dict = field(default_factory=dict)
+    job: str = ""  # the launcher's id of the job that saved it (distributed.job_id): restarted workers resume their own
 
     @classmethod
     def restored(cls, saved: dict, path: Path) -> Progress:
@@ -549,9 +564,37 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
                 reporter.log("the saved state has no loss scale (it trained without fp16, or an older seqtool saved "
                              "it): fp16 loss scaling starts afresh")
         reporter.log(f"resuming at step {progress.step} (epoch {progress.epoch})")
+    progress.job = job_id()
     if ranks.parallel:  # the same weights everywhere (DDP checked), but different dropout masks per rank
         torch.manual_seed(cfg.training.seed + 1000 * ranks.rank + progress.step)
     return trainer
+
+
+def restarted_job_resumes(cfg: Config) -> bool:
+    """torchrun started this job's workers again after one died (--max-restarts): they resume from the checkpoint
+    the job saved, if it saved one (else they start afresh). A state another job saved is refused as usual."""
+    state_path = Path(cfg.training.model_dir) / STATE_FILE
+    if not restarts()[0] or not state_path.exists():
+        return False
+    if not job_id():
+        raise SeqtoolError(f"the launcher restarted the workers, but under torchrun's default --rdzv-id they cannot "
+                           f"tell this job's checkpoint in {state_path.parent} from an earlier job's: give each job "
+                           f"its own --rdzv-id (or use --standalone); `seqtool train --resume` continues the run")
+    return state_progress(state_path).get("job") == job_id()
+
+
+def lost_rank(cfg: Config, step: Optional[int]) -> SeqtoolError:
+    """What a rank says when another one is gone without a word (killed, out of memory, its machine lost) while
+    this one was at `step` (None: before training began)."""
+    state_path = Path(cfg.training.model_dir) / STATE_FILE
+    saved = state_progress(state_path).get("step") if state_path.exists() else None
+    where = f"the checkpoint at step {saved}" if saved is not None else "the start (no checkpoint yet)"
+    done, allowed = restarts()
+    then = (f"the launcher restarts the workers (restart {done + 1} of {allowed}), which resume from {where}"
+            if done < allowed else f"`seqtool train --resume` continues from {where}")
+    when = f"after step {step}" if step is not None else "before training began"
+    return SeqtoolError(f"lost contact with another rank of this job {when} (killed, out of memory, or its machine "
+                        f"went away); {then}")
 
 
 def run_training(cfg: Config, resume: bool = False, quiet: bool = False, verbose: bool = False) -> Trainer:
@@ -566,10 +609,22 @@ def run_training(cfg: Config, resume: bool = False, quiet: bool = False, verbose
     if ranks.parallel:
         reporter.log(f"data-parallel training on {ranks.world} processes (torch.distributed, "
                      f"{'nccl' if device.type == 'cuda' else 'gloo'})")
+    trainer: Optional[Trainer] = None
     try:
+        if not resume and restarted_job_resumes(cfg):
+            resume = True
+            reporter.log(f"the launcher restarted the workers (restart {restarts()[0]} of {restarts()[1]}) after one "
+                         f"stopped: resuming from the job's last checkpoint")
         trainer = prepare(cfg, reporter, resume, ranks, precision)
         reporter.log(f"training on {precision.device} in {precision.name} ({precision.why})")
         reason = trainer.run()
+    except SeqtoolError as exc:
+        leave_error(exc, ranks)
+        raise
+    except Exception as exc:
+        if not lost_contact(exc, ranks):
+            raise
+        raise error_left(ranks) or lost_rank(cfg, trainer.progress.step if trainer else None) from None
     finally:
         reporter.close()
         shutdown(ranks)
