@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+# How gloo says, in a RuntimeError, that the other end of a connection is gone: while connecting the ranks
+# (refused), or in an exchange (closed, reset, broken pipe).
+PEER_GONE = re.compile(r"Connection (closed|reset) by peer|Broken pipe|Connection refused")
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -62,8 +66,14 @@ def init_from_env(cuda: bool = False) -> Ranks:
     timeout = timedelta(hours=2)
     rank = int(os.environ["RANK"])
     store = _attempt_store(rank, world, timeout)
-    dist.init_process_group(backend="nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
-                            timeout=timeout)
+    try:
+        dist.init_process_group(backend="nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                                timeout=timeout)
+    except RuntimeError as exc:
+        if not PEER_GONE.search(str(exc)):
+            raise
+        raise SeqtoolError(f"rank {rank} could not connect to the other ranks of this job (one stopped as it "
+                           f"started, or the network between them is closed: see docs/scaling.md)") from None
     # Decisions and counters are small CPU values: with NCCL they travel in a gloo group of their own.
     group = dist.new_group(backend="gloo", timeout=timeout) if cuda else None
     return Ranks(rank, world, group, store)
@@ -73,16 +83,16 @@ def _attempt_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
     """The key-value store the ranks meet in (as init_process_group's env:// makes it: torchrun's agent hosts
     it, or rank 0 without one), its keys kept apart per attempt: the agent's store outlives a restart, and a
     restarted rank that read a dead rank's address from the attempt before could not connect to it."""
-    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=rank == 0
-                          and not agent, timeout=timeout, multi_tenant=True)
+    host = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=host,
+                          timeout=timeout, multi_tenant=True)
     return dist.PrefixStore(f"seqtool/attempt{restarts()[0]}", store)
 
 
 def restarts() -> tuple[int, int]:
     """(restarts so far, restarts allowed) of this job's workers under torchrun's elastic agent; (0, 0) otherwise."""
-    return (int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0), int(os.environ.get("TORCHELASTIC_MAX_RESTARTS")
-                                                                         or 0))
+    env = os.environ
+    return int(env.get("TORCHELASTIC_RESTART_COUNT") or 0), int(env.get("TORCHELASTIC_MAX_RESTARTS") or 0)
 
 
 def job_id() -> str:
@@ -105,10 +115,6 @@ def leave_error(exc: SeqtoolError, ranks: Ranks) -> None:
         ranks.store.set(_error_key(ranks.rank), json.dumps([exc.exit_code, str(exc)]))
     except (RuntimeError, ValueError):  # the store went with its host: the others learn only that this rank stopped
         pass
-
-
-# How gloo and torch's store say that the other end of a connection is gone (a RuntimeError, or a DistError).
-PEER_GONE = re.compile(r"Connection (closed|reset) by peer|Broken pipe|connectFullMesh failed|Connection refused")
 
 
 def lost_contact(exc: BaseException, ranks: Ranks) -> bool:
