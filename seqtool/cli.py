@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from seqtool.errors import ConfigError, SeqtoolError, one_line
+from seqtool.errors import ConfigError, DataError, SeqtoolError, one_line
 from seqtool.metrics import METRICS
 
 app = typer.Typer(
@@ -188,6 +188,9 @@ def translate(
     attention_plot: Optional[Path] = typer.Option(None, "--attention-plot", help="Save an attention heatmap per input "
                                                   "line to this folder (LINE.png; with --format json the weights are "
                                                   "shown too)."),
+    interactive: bool = typer.Option(False, "--interactive", "-i", help="A prompt on a terminal: type a line, read "
+                                     "its translation (and the n-best with --nbest); arrow keys for history, "
+                                     "Ctrl-D ends."),
     overrides: list[str] = SetOpt,
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
@@ -204,6 +207,8 @@ def translate(
 
         echo '{"text": "seliti roma lasa.", "prefix": "voba", "constraints": ["Kevi"]}' |
         seqtool translate -m runs/sample --input-format jsonl
+
+        seqtool translate -m runs/sample -i --beam 5 --nbest 3
     """
     flags = _decoding_flags(locals())
     from seqtool.data import iter_lines, read_lines
@@ -215,10 +220,19 @@ def translate(
         raise SeqtoolError(f"--input-format must be text or jsonl, not {input_format!r}")
     if attention and fmt != "json":
         raise SeqtoolError("--attention adds weights to JSON output: use it with --format json")
+    if interactive and (input != "-" or output is not None or input_format != "text" or attention_plot is not None
+                        or not sys.stdin.isatty()):
+        raise ConfigError("-i reads lines typed at a terminal and answers there: give it no input file, -o, "
+                          "--input-format or --attention-plot (a file or a pipe is translated without -i)")
     avoid = tuple(line for line in read_lines(avoid_file) if line.strip()) if avoid_file is not None else ()
     translator = _translator(model, overrides, flags, quiet, verbose, attention or attention_plot is not None,
                              pieces=fmt == "json", prefix=prefix or "", avoid=avoid, drop_prefix=drop_prefix)
     each = _attention_plotter(attention_plot) if attention_plot is not None else None
+    if interactive:
+        from seqtool.prompt import run_prompt
+
+        run_prompt(translator, fmt, _err)
+        return
     lines = iter_lines(input) if input_format == "text" else parse_jsonl(iter_lines(input))
     start = time.monotonic()
     if output is None:
@@ -405,6 +419,65 @@ def evaluate(
     print(f"references: {', '.join(str(r) for r in ref)} ({len(hyps)} lines)")
     for s in results:
         print(f"{s.name} = {s.value:.2f}" + (f"  ({s.signature})" if s.signature else ""))
+
+
+@app.command()
+def score(
+    model: Path = ModelOpt,
+    src: str = typer.Option(..., "--src", "-s", help="Source file ('-' for stdin)."),
+    tgt: str = typer.Option(..., "--tgt", "-t", help="Target file, line-aligned with --src: the outputs to score."),
+    batch_size: Optional[int] = BatchOpt,
+    as_json: bool = typer.Option(False, "--json", help="A JSON object per line instead of tab-separated text."),
+    device: Optional[str] = DeviceOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Score given outputs: per line, the model's log-probability of the --tgt line given the --src line.
+
+    One line out per line in, as each chunk is scored: the log-probability (natural log, summed over the
+    target's tokens and its end-of-sentence token), the same per token, and the token count, tab-separated;
+    with --json, {"logprob", "per_token", "tokens", "ppl"}. A line with an empty source is not scored
+    ("-" fields; JSON nulls). On stderr at the end: the perplexity over the file, which is exp of the
+    validation loss on it. Useful to filter training data (low per-token scores) and to compare models on
+    the same pairs.
+
+    Examples:
+
+        seqtool score -m runs/sample --src sample_data/test.src --tgt sample_data/test.tgt
+
+        seqtool score -m runs/sample -s train.src -t train.tgt --json > scores.jsonl
+    """
+    import json
+    import math
+
+    from seqtool.checkpoint import load_model
+    from seqtool.device import pick_device
+    from seqtool.score import Scorer, read_pairs_streamed
+
+    bundle = load_model(model)
+    decoding = _decoding(bundle, [], {k: v for k, v in {"batch_size": batch_size, "device": device}.items()
+                                      if v is not None})
+    scorer = Scorer(bundle.model.to(pick_device(decoding.device)).eval(), bundle.src_tok, bundle.tgt_tok,
+                    bundle.config.data.truncate_src, decoding.max_input_tokens, decoding.batch_size,
+                    warn=(lambda m: None) if quiet else _err)
+    total, tokens, lines, unscored = 0.0, 0, 0, 0
+    for s in scorer.score(read_pairs_streamed(src, tgt)):
+        lines += 1
+        if s is None:
+            unscored += 1
+            print(json.dumps({"logprob": None, "per_token": None, "tokens": None, "ppl": None}) if as_json
+                  else "-\t-\t-", flush=True)
+            continue
+        total, tokens = total + s.logprob, tokens + s.tokens
+        print(json.dumps({"logprob": round(s.logprob, 4), "per_token": round(s.per_token, 4), "tokens": s.tokens,
+                          "ppl": round(s.ppl, 4)}) if as_json else f"{s.logprob:.4f}\t{s.per_token:.4f}\t{s.tokens}",
+              flush=True)
+    if not lines:
+        raise DataError(f"{src} is empty")
+    if not quiet:
+        per = total / tokens if tokens else float("nan")
+        _err(f"{lines - unscored} of {lines} lines scored, {tokens} target tokens: log-probability {total:.2f}, "
+             f"{per:.4f} per token, perplexity {math.exp(min(-per, 50.0)) if tokens else float('nan'):.3f}"
+             + (f"; {unscored} with an empty source not scored" if unscored else ""))
 
 
 @app.command()

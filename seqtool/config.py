@@ -48,6 +48,20 @@ class TokenizerConfig(Section):
     joint: bool = True
     character_coverage: float = Field(default=1.0, gt=0.0, le=1.0)
     max_sentences: int = Field(default=2_000_000, gt=0, description="lines sampled to train sentencepiece")
+    model: Optional[Union[str, list[str]]] = Field(
+        default=None, description="an existing sentencepiece model instead of training one: a file (joint: true), "
+                                  "or [source, target] (joint: false); vocab_size is then the file's. It travels "
+                                  "inside the model file like a trained one")
+
+    @model_validator(mode="after")
+    def _own_model(self) -> TokenizerConfig:
+        if isinstance(self.model, list) and (len(self.model) != 2 or self.joint):
+            raise ValueError("tokenizer.model as a list is [source, target] with tokenizer.joint false; one file "
+                             "serves both sides with joint true")
+        if isinstance(self.model, str) and not self.joint:
+            raise ValueError("tokenizer.model is one file, which both sides share: set tokenizer.joint true, or "
+                             "give [source, target]")
+        return self
 
 
 class ModelConfig(Section):

@@ -31,7 +31,7 @@ class Reporter:
 
     def log(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(message, markup=False)
+            self.console.print(message, markup=False, soft_wrap=True)  # a long line stays one line in a log file
 
     def step(self, step: int, stats: str) -> None:
         if self.bar is not None:

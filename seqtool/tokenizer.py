@@ -39,21 +39,30 @@ class Tokenizer:
     word: bool = False  # tokenizer.type word: exactly one id per space-separated token
 
     @classmethod
-    def from_bytes(cls, data: bytes, word: bool = False) -> Tokenizer:
+    def from_bytes(cls, data: bytes, word: bool = False, origin: str = "") -> Tokenizer:
+        """A serialized sentencepiece model: from inside a model file, or read from the file `origin` (a user's
+        own, tokenizer.model), whose errors then say how to make one seqtool can use."""
         sp = spm.SentencePieceProcessor()
         try:
             sp.LoadFromSerializedProto(data)
         except (RuntimeError, OSError, TypeError):
-            raise ModelFileError("the tokenizer inside the model is damaged") from None
-        if (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) != (PAD, UNK, BOS, EOS):
+            raise ModelFileError(f"{origin} is not a sentencepiece model" if origin else
+                                 "the tokenizer inside the model is damaged") from None
+        ids = (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id())
+        if ids != (PAD, UNK, BOS, EOS) and not origin:
             raise ModelFileError("tokenizer was not made by seqtool (unexpected special ids)")
+        if ids != (PAD, UNK, BOS, EOS):
+            raise ModelFileError(f"{origin}: its special ids are pad={ids[0]} unk={ids[1]} bos={ids[2]} eos={ids[3]}; "
+                                 f"seqtool needs pad={PAD} unk={UNK} bos={BOS} eos={EOS}: train it with `seqtool "
+                                 f"tokenizer train`, or spm_train --pad_id={PAD} --unk_id={UNK} --bos_id={BOS} "
+                                 f"--eos_id={EOS}")
         return cls(data, sp, word)
 
     @classmethod
-    def from_file(cls, path: str) -> Tokenizer:
+    def from_file(cls, path: str, word: bool = False) -> Tokenizer:
         try:
             with open(path, "rb") as f:
-                return cls.from_bytes(f.read())
+                return cls.from_bytes(f.read(), word, origin=path)
         except OSError as exc:
             raise ModelFileError(f"cannot read tokenizer {path}: {exc.strerror}") from None
 

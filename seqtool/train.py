@@ -142,12 +142,28 @@ def check_data_paths(cfg: Config) -> None:
             problems.append(f"data.{key}: file not found: {value}")
     if (d.valid_src is None) != (d.valid_tgt is None):
         problems.append("data.valid_src and data.valid_tgt must be given together")
+    own = cfg.tokenizer.model
+    for path in [own] if isinstance(own, str) else own or []:
+        if not Path(path).is_file():
+            problems.append(f"tokenizer.model: file not found: {path}")
+            continue
+        try:  # read now: a model seqtool cannot use is refused before the data are read
+            Tokenizer.from_file(path)
+        except ModelFileError as exc:
+            problems.append(f"tokenizer.model: {exc}")
     if problems:
         raise ConfigError("; ".join(problems))
 
 
 def build_tokenizers(cfg: Config, src_lines: Iterable[str], tgt_lines: Iterable[str]) -> tuple[Tokenizer, Tokenizer]:
-    """Lines may be lists or streams from disk: sentencepiece samples at most tokenizer.max_sentences."""
+    """The tokenizer.model files, or tokenizers trained on the lines (lists or streams from disk: sentencepiece
+    samples at most tokenizer.max_sentences)."""
+    own, word = cfg.tokenizer.model, cfg.tokenizer.type == "word"
+    if isinstance(own, str):  # joint: one object for both sides, as a trained joint tokenizer is
+        tok = Tokenizer.from_file(own, word)
+        return tok, tok
+    if own is not None:
+        return Tokenizer.from_file(own[0], word), Tokenizer.from_file(own[1], word)
     if cfg.tokenizer.joint:
         tok = train_tokenizer(chain(src_lines, tgt_lines), cfg.tokenizer)
         return tok, tok
@@ -505,7 +521,9 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
     # In memory, the files are read (and checked) before anything else; streamed, they are read when used.
     src_lines, tgt_lines = (side_lines(shards, 0), side_lines(shards, 1)) if d.stream else read_shards(shards)
     if not resume:
-        reporter.log(f"training {cfg.tokenizer.type} tokenizer ({'joint' if cfg.tokenizer.joint else 'separate'}, "
+        own = cfg.tokenizer.model
+        reporter.log(f"tokenizer from {own if isinstance(own, str) else ' and '.join(own)}" if own else
+                     f"training {cfg.tokenizer.type} tokenizer ({'joint' if cfg.tokenizer.joint else 'separate'}, "
                      f"up to {cfg.tokenizer.vocab_size} pieces)")
         blobs = main_does(lambda: tuple(t.model_bytes for t in build_tokenizers(cfg, src_lines, tgt_lines)), ranks)
         word = cfg.tokenizer.type == "word"

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import pty
 import re
+import select
 import subprocess
 import sys
+import time
 
 from conftest import ROOT, SAMPLE, read_metrics, readline_within, run_cli, tiny_config, write_config
 
@@ -101,6 +106,45 @@ def test_interactive_pipe_answers_each_line_before_the_next(trained_model):
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
+
+
+def _read_until(fd: int, marker: bytes, timeout: float = 60) -> bytes:
+    """What a pty shows up to and including `marker` (fail after `timeout` s: never hang)."""
+    seen, deadline = b"", time.monotonic() + timeout
+    while marker not in seen:
+        ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+        assert ready, f"no {marker!r} within {timeout} s; the terminal shows {seen!r}"
+        seen += os.read(fd, 4096)
+    return seen
+
+
+def test_interactive_prompt_on_a_terminal_with_history_and_nbest(trained_model):
+    line = (SAMPLE / "test.src").read_text().splitlines()[0]
+    want = run_cli("translate", "-m", str(trained_model), "--beam", "3", "--nbest", "2", "--format", "json",
+                   input=line + "\n", check=True).stdout
+    hyps = json.loads(want)["nbest"]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: seqtool on a terminal, as a user runs it
+        os.chdir(ROOT)
+        os.execv(sys.executable, [sys.executable, "-m", "seqtool", "translate", "-m", str(trained_model), "-i",
+                                  "--beam", "3", "--nbest", "2", "-q"])
+    try:
+        _read_until(fd, b"> ")
+        os.write(fd, line.encode() + b"\r")
+        shown = _read_until(fd, b"> ").decode()
+        assert hyps[0]["text"] in shown and f"  2. {hyps[1]['text']}" in shown, shown
+        os.write(fd, b"\x1b[A\r")  # arrow up: the line before, again
+        assert hyps[0]["text"] in _read_until(fd, b"> ").decode()
+        os.write(fd, b"\x04")  # Ctrl-D ends
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        os.close(fd)
+
+
+def test_interactive_needs_a_terminal(trained_model):
+    proc = run_cli("translate", "-m", str(trained_model), "-i", input="a\n")
+    assert proc.returncode == 2 and "-i reads lines typed at a terminal" in proc.stderr
 
 
 def test_tokenizer_commands_round_trip(trained_model, tmp_path):

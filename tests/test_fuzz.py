@@ -90,6 +90,17 @@ def test_translate_random_bytes(trained_model, data, beam, fmt):
 
 
 @FUZZ
+@given(st.binary(max_size=300), st.binary(max_size=300), st.sampled_from([[], ["--json"]]))
+def test_score_random_bytes(trained_model, src, tgt, fmt):
+    with tempfile.TemporaryDirectory() as tmp:
+        code, out, err = run_main("score", "-m", str(trained_model), "--src", _write(tmp, "s", src), "--tgt",
+                                  _write(tmp, "t", tgt), *fmt, "-q")
+        assert_clean(code, err)
+        if code == 0:  # line-aligned files it could read: one line out per pair
+            assert out.count("\n") == src.count(b"\n") + (0 if src.endswith(b"\n") or not src else 1)
+
+
+@FUZZ
 @given(st.binary(max_size=200), st.lists(st.binary(max_size=200), min_size=1, max_size=3),
        st.lists(st.sampled_from(["bleu", "chrf", "bleu_char", "rouge", "couplet", "nope", ""]), min_size=1, max_size=3))
 def test_evaluate_random_files(hyp, refs, metrics):
@@ -101,13 +112,14 @@ def test_evaluate_random_files(hyp, refs, metrics):
 
 
 @FUZZ
-@given(st.binary(max_size=2000), st.sampled_from(["info", "translate", "tokenizer encode", "average"]))
+@given(st.binary(max_size=2000), st.sampled_from(["info", "translate", "tokenizer encode", "average", "score"]))
 def test_random_model_files(data, command):
     with tempfile.TemporaryDirectory() as tmp:
         model = _write(tmp, "model.safetensors", data)
         args = {"info": ["info", model], "translate": ["translate", "-m", model, _write(tmp, "in", b"a\n")],
                 "tokenizer encode": ["tokenizer", "encode", "-m", model, _write(tmp, "in", b"a\n")],
-                "average": ["average", tmp, "-o", f"{tmp}/avg.safetensors"]}[command]
+                "average": ["average", tmp, "-o", f"{tmp}/avg.safetensors"],
+                "score": ["score", "-m", model, "-s", _write(tmp, "in", b"a\n"), "-t", f"{tmp}/in"]}[command]
         code, _, err = run_main(*args)
         assert code != 0
         assert_clean(code, err)

@@ -93,3 +93,54 @@ def test_spellings_decode_to_the_phrase_canonical_first_and_glue_continues_words
     glue = set(tok.glue_ids)
     assert glue and all(not tok.sp.id_to_piece(i).startswith("\u2581") for i in glue)
     assert tok.encode("the")[0] not in glue
+
+
+def test_own_tokenizer_models_train_and_travel_inside_the_model_file(tmp_path):
+    """tokenizer.model: one file for both sides, or [source, target]; the model file then holds those bytes, and
+    translates with the tokenizer files gone."""
+    from conftest import SAMPLE, run_cli, tiny_config, write_config
+    from seqtool.checkpoint import load_model
+
+    spm = {side: tmp_path / f"{side}.spm" for side in ("joint", "src", "tgt")}
+    run_cli("tokenizer", "train", str(SAMPLE / "train.src"), str(SAMPLE / "train.tgt"), "-o", str(spm["joint"]),
+            "--vocab-size", "500", check=True)
+    for side in ("src", "tgt"):
+        run_cli("tokenizer", "train", str(SAMPLE / f"train.{side}"), "-o", str(spm[side]), "--vocab-size", "300",
+                check=True)
+    runs = {"joint": {"model": str(spm["joint"])}, "separate": {"model": [str(spm["src"]), str(spm["tgt"])],
+                                                                 "joint": False}}
+    for name, tokenizer in runs.items():
+        cfg = tiny_config(tmp_path / name, tokenizer=tokenizer, training={"max_steps": 20, "valid_every": 20})
+        proc = run_cli("train", "-c", str(write_config(tmp_path / f"{name}.yaml", cfg)), check=True)
+        said = str(spm["joint"]) if name == "joint" else f"{spm['src']} and {spm['tgt']}"
+        assert f"tokenizer from {said}" in proc.stderr
+    joint, separate = load_model(tmp_path / "joint"), load_model(tmp_path / "separate")
+    assert joint.src_tok is joint.tgt_tok and joint.src_tok.model_bytes == spm["joint"].read_bytes()
+    assert (separate.src_tok.model_bytes, separate.tgt_tok.model_bytes) == (spm["src"].read_bytes(),
+                                                                          spm["tgt"].read_bytes())
+    assert joint.model.output.out_features == 500 and separate.model.output.out_features == 300
+    for path in spm.values():
+        path.unlink()
+    out = run_cli("translate", "-m", str(tmp_path / "joint"), input="a\n\nb\n", check=True).stdout
+    assert len(out.split("\n")) == 4  # one line per line, the tokenizer from inside the model file
+
+
+def test_an_own_tokenizer_that_seqtool_cannot_use_is_one_line(tmp_path):
+    import sentencepiece as spm
+
+    from conftest import SAMPLE, run_cli, tiny_config, write_config
+    from test_cli_errors import assert_one_line_error
+
+    foreign = tmp_path / "foreign"  # spm_train's own special ids: unk 0, bos 1, eos 2, no pad
+    spm.SentencePieceTrainer.train(input=str(SAMPLE / "train.src"), model_prefix=str(foreign), vocab_size=150,
+                                   minloglevel=2)
+    cases = {
+        str(foreign) + ".model": "special ids are pad=-1 unk=0 bos=1 eos=2; seqtool needs pad=0 unk=1 bos=2 eos=3",
+        str(tmp_path / "missing.spm"): "tokenizer.model: file not found",
+        str(SAMPLE / "train.src"): "is not a sentencepiece model",
+    }
+    for path, match in cases.items():
+        cfg = tiny_config(tmp_path / "m", tokenizer={"model": path})
+        assert_one_line_error(run_cli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg))), match)
+    cfg = tiny_config(tmp_path / "m", tokenizer={"model": [path, path]})  # a list means two sides: joint false
+    assert_one_line_error(run_cli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg))), "[source, target]")
