@@ -234,11 +234,22 @@ def translate(
         run_prompt(translator, fmt, _err)
         return
     lines = iter_lines(input) if input_format == "text" else parse_jsonl(iter_lines(input))
+    progress = _line_progress(input, output, quiet, verbose)
+    if progress is not None:
+        callbacks = [f for f in (each, progress) if f is not None]
+
+        def each(lineno: int, t) -> None:
+            for f in callbacks:
+                f(lineno, t)
     start = time.monotonic()
-    if output is None:
-        n = translate_stream(translator, lines, sys.stdout, fmt, each)
-    else:
-        n = _translate_to_file(translator, lines, output, fmt, each)
+    try:
+        if output is None:
+            n = translate_stream(translator, lines, sys.stdout, fmt, each)
+        else:
+            n = _translate_to_file(translator, lines, output, fmt, each)
+    finally:
+        if progress is not None:
+            progress.close()
     if not quiet:
         seconds = time.monotonic() - start
         _err(f"translated {n} lines in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} lines/s)")
@@ -293,6 +304,19 @@ def poem(
             print(json.dumps({"heads": text, "lines": lines}, ensure_ascii=False), flush=True)
         else:
             print(("\n" if n > 1 else "") + "\n".join(lines), flush=True)
+
+
+def _line_progress(input: str, output: Optional[Path], quiet: bool, verbose: bool):
+    """Progress through an input file: a bar while stderr is a terminal and the translations go elsewhere (a
+    file, a pipe), plain periodic lines with -v otherwise; none for stdin, whose length is unknown, or -q."""
+    from seqtool.data import count_lines
+    from seqtool.progress import LineProgress
+
+    if quiet or input == "-":
+        return None
+    if sys.stderr.isatty():
+        return LineProgress(count_lines(input), plain=False) if output is not None or not sys.stdout.isatty() else None
+    return LineProgress(count_lines(input), plain=True) if verbose else None
 
 
 def _translate_to_file(translator, lines, output: Path, fmt: str, each) -> int:

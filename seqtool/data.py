@@ -55,6 +55,15 @@ def iter_lines(path: str | Path) -> Iterator[str]:
             f.close()
 
 
+def count_lines(path: str | Path) -> int:
+    """Lines in a file as iter_lines reads them (a last line without its newline counts), without decoding."""
+    n, last = 0, b"\n"
+    with open_binary(path) as f:
+        while block := f.read(1 << 20):
+            n, last = n + block.count(b"\n"), block[-1:]
+    return n + (last != b"\n")
+
+
 def read_lines(path: str | Path) -> list[str]:
     lines = list(iter_lines(path))
     if not lines:

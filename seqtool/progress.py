@@ -48,3 +48,36 @@ class Reporter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+class LineProgress:
+    """`translate` of a file of `total` lines: a rich bar with lines/s and the ETA while stderr is a terminal,
+    or with `plain` (-v, stderr not a terminal) a log line every `every` seconds. Called once per line
+    written, as translate_stream's `each`."""
+
+    def __init__(self, total: int, plain: bool, every: float = 10.0):
+        self.total, self.every, self.done = total, every, 0
+        self.console = Console(stderr=True, highlight=False)
+        self.start = self.last = time.monotonic()
+        self.bar: Optional[Progress] = None
+        if not plain:
+            self.bar = Progress(TextColumn("{task.completed:,}/{task.total:,} lines"), BarColumn(),
+                                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                TimeRemainingColumn(), console=self.console, transient=True)
+            self.task = self.bar.add_task("translate", total=total, rate="")
+            self.bar.start()
+
+    def __call__(self, lineno: int, translation: object = None) -> None:
+        self.done += 1
+        now = time.monotonic()
+        rate = self.done / max(now - self.start, 1e-9)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done, rate=f"{rate:,.1f} lines/s")
+        elif now - self.last >= self.every:
+            self.last = now
+            self.console.print(f"translated {self.done:,} of {self.total:,} lines ({rate:,.1f} lines/s, ETA "
+                               f"{max(self.total - self.done, 0) / rate:.0f} s)", markup=False, soft_wrap=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -142,6 +142,47 @@ def test_interactive_prompt_on_a_terminal_with_history_and_nbest(trained_model):
         os.close(fd)
 
 
+def test_translating_a_file_shows_progress_on_a_terminal(trained_model, tmp_path):
+    lines = (SAMPLE / "test.src").read_text().splitlines()[:150]
+    src = tmp_path / "in.src"
+    src.write_text("\n".join(lines) + "\n")
+    pid, fd = pty.fork()
+    if pid == 0:  # stderr on a terminal, the translations to a file
+        os.chdir(ROOT)
+        os.execv(sys.executable, [sys.executable, "-m", "seqtool", "translate", "-m", str(trained_model), str(src),
+                                  "-o", str(tmp_path / "out"), "--batch-size", "8"])
+    shown = b""
+    try:
+        while True:
+            ready, _, _ = select.select([fd], [], [], 60)
+            assert ready, shown
+            try:
+                data = os.read(fd, 4096)
+            except OSError:  # the child closed the terminal: it has ended
+                break
+            if not data:
+                break
+            shown += data
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, shown
+    text = shown.decode(errors="replace")
+    assert "/150 lines" in text and "lines/s" in text and "ETA" in text, text
+    assert len((tmp_path / "out").read_text().splitlines()) == 150
+
+
+def test_plain_progress_lines_with_verbose_off_a_terminal(capsys):
+    from seqtool.progress import LineProgress
+
+    progress = LineProgress(3, plain=True, every=0)
+    for lineno in (1, 2, 3):
+        progress(lineno)
+    progress.close()
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 3 and said[1].startswith("translated 2 of 3 lines (") and "lines/s, ETA" in said[1]
+
+
 def test_interactive_needs_a_terminal(trained_model):
     proc = run_cli("translate", "-m", str(trained_model), "-i", input="a\n")
     assert proc.returncode == 2 and "-i reads lines typed at a terminal" in proc.stderr
