@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -123,29 +124,39 @@ def _decoding(bundle, overrides: list[str], flags: dict):
 
 
 def _translator(model: Path, overrides: list[str], flags: dict, quiet: bool, verbose: bool = False,
-                attention: bool = False, bundle=None, pieces: bool = False, **controls):
-    """A Translator for the model at `model` (or the already loaded `bundle`) with decoding flags applied."""
+                attention: bool = False, bundle=None, pieces: bool = False, others: Sequence[Path] = (), **controls):
+    """A Translator for the model at `model` (or the already loaded `bundle`) with decoding flags applied; with
+    `others`, of the ensemble of them all (the first model's decoding settings and shortlist table)."""
     from seqtool.checkpoint import load_model
     from seqtool.device import pick_device, quantized, release_freed_memory
     from seqtool.translate import Translator
 
     bundle = bundle or load_model(model)
+    members = [load_model(path) for path in others]
+    for path, member in zip(others, members):
+        if (member.src_tok.model_bytes, member.tgt_tok.model_bytes) != (bundle.src_tok.model_bytes,
+                                                                        bundle.tgt_tok.model_bytes):
+            raise SeqtoolError(f"{path}: its tokenizers differ from {model}'s; the models of an ensemble must share "
+                               f"their vocabularies (train them on the same data and tokenizer settings, or with "
+                               f"the same tokenizer.model)")
     decoding = _decoding(bundle, overrides, flags)
     device = pick_device(decoding.device)
-    net = bundle.model.to(device)
+    nets = [b.model.to(device) for b in (bundle, *members)]
     if decoding.quantize:
-        net = quantized(net, device, decoding.quantize_kind)
+        nets = [quantized(n, device, decoding.quantize_kind) for n in nets]
         release_freed_memory()  # the conversion's temporaries
+    net = nets[0]
     if verbose:
         m = bundle.config.model
         _err(f"model: {model} ({m.cell}, context {m.context}, "
              f"vocab {bundle.src_tok.vocab_size}/{bundle.tgt_tok.vocab_size}) "
              f"on {net.device}{f', {decoding.quantize_kind}' if decoding.quantize else ''}"
-             f"{', shortlist table' if bundle.shortlist is not None else ', no shortlist table'}")
+             f"{', shortlist table' if bundle.shortlist is not None else ', no shortlist table'}"
+             f"{f'; an ensemble with {len(others)} more: ' + ', '.join(map(str, others)) if others else ''}")
         _err("decoding: " + " ".join(f"{k}={v}" for k, v in decoding.model_dump().items()))
     return Translator(net, bundle.src_tok, bundle.tgt_tok, decoding, bundle.config.data.truncate_src,
                       warn=(lambda m: None) if quiet else _err, with_attention=attention, with_pieces=pieces,
-                      shortlist=bundle.shortlist, **controls)
+                      shortlist=bundle.shortlist, others=tuple(nets[1:]), **controls)
 
 
 ModelOpt = typer.Option(..., "--model", "-m", help="A model file, or a model dir (uses its model.safetensors).")
@@ -157,7 +168,10 @@ LpOpt = typer.Option(None, "--length-penalty", help="GNMT length penalty alpha (
 @app.command()
 def translate(
     input: str = typer.Argument("-", help="Input text file, one sentence per line; '-' or nothing reads stdin."),
-    model: Path = ModelOpt,
+    model: list[Path] = typer.Option(..., "--model", "-m", help="A model file, or a model dir (its "
+                                     "model.safetensors). Repeat for an ensemble: every step averages the models' "
+                                     "log-probabilities (models with the same tokenizers; the first one's decoding "
+                                     "settings)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
     beam_size: Optional[int] = BeamOpt,
     nbest: Optional[int] = typer.Option(None, "--nbest", help="Hypotheses kept per line (shown with --format json)."),
@@ -209,6 +223,8 @@ def translate(
         seqtool translate -m runs/sample --input-format jsonl
 
         seqtool translate -m runs/sample -i --beam 5 --nbest 3
+
+        seqtool translate -m runs/seed1 -m runs/seed2 -m runs/seed3 test.src      (an ensemble)
     """
     flags = _decoding_flags(locals())
     from seqtool.data import iter_lines, read_lines
@@ -225,8 +241,9 @@ def translate(
         raise ConfigError("-i reads lines typed at a terminal and answers there: give it no input file, -o, "
                           "--input-format or --attention-plot (a file or a pipe is translated without -i)")
     avoid = tuple(line for line in read_lines(avoid_file) if line.strip()) if avoid_file is not None else ()
-    translator = _translator(model, overrides, flags, quiet, verbose, attention or attention_plot is not None,
-                             pieces=fmt == "json", prefix=prefix or "", avoid=avoid, drop_prefix=drop_prefix)
+    translator = _translator(model[0], overrides, flags, quiet, verbose, attention or attention_plot is not None,
+                             pieces=fmt == "json", prefix=prefix or "", avoid=avoid, drop_prefix=drop_prefix,
+                             others=model[1:])
     each = _attention_plotter(attention_plot) if attention_plot is not None else None
     if interactive:
         from seqtool.prompt import run_prompt
@@ -393,7 +410,8 @@ def evaluate(
     src: Optional[Path] = typer.Option(None, "--src", "-s",
                                        help="Source file: translated with --model, and used by couplet metrics."),
     hyp: Optional[Path] = typer.Option(None, "--hyp", help="Score this existing output instead of translating."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model file or dir (with --src)."),
+    model: Optional[list[Path]] = typer.Option(None, "--model", "-m", help="Model file or dir (with --src); "
+                                               "repeat for an ensemble, as with translate."),
     beam_size: Optional[int] = BeamOpt,
     batch_size: Optional[int] = BatchOpt,
     length_penalty: Optional[float] = LpOpt,
@@ -429,8 +447,8 @@ def evaluate(
     srcs = read_lines(src) if src is not None else None
     if hyp is not None:
         hyps = read_lines(hyp)
-    elif srcs is not None and model is not None:
-        translator = _translator(model, overrides, flags, quiet)
+    elif srcs is not None and model:
+        translator = _translator(model[0], overrides, flags, quiet, others=model[1:])
         hyps = [t.text for t in translator.translate(srcs)]
     else:
         raise SeqtoolError("give --hyp FILE, or --model and --src to translate")

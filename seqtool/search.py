@@ -10,22 +10,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 
 from seqtool.constraints import NEG, Rules
-from seqtool.model.decoder import DecoderState
 from seqtool.tokenizer import BOS, EOS
 
 
+class SearchState(Protocol):
+    """What a search does with a model's decoder state (a DecoderState, or an ensemble's): repeat each sentence's
+    row per beam, keep or reorder rows (DecoderState.select); `mask` (sentences, S) marks real source positions."""
+
+    @property
+    def mask(self) -> torch.Tensor: ...
+
+    def grouped(self, group: int) -> SearchState: ...
+
+    def select(self, index: torch.Tensor, sources: torch.Tensor) -> SearchState: ...
+
+
 class Decodable(Protocol):
-    """What a search needs of a model: encode a batch of sources once, then one step for all rows."""
+    """What a search needs of a model: encode a batch of sources once, then one step for all rows. The state
+    is the model's own kind (its `encode` made it), so `step` takes it as Any."""
 
-    def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> DecoderState: ...
+    def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> SearchState: ...
 
-    def step(self, prev: torch.Tensor, state: DecoderState
-             ) -> tuple[torch.Tensor, DecoderState, Optional[torch.Tensor]]: ...
+    def step(self, prev: torch.Tensor, state: Any) -> tuple[torch.Tensor, SearchState, Optional[torch.Tensor]]: ...
 
 
 @dataclass
@@ -44,7 +55,7 @@ def length_penalty(length: int, alpha: float) -> float:
 class Rows:
     """Everything a search keeps per hypothesis (row), reordered together by `select`."""
 
-    state: DecoderState
+    state: SearchState
     rules: Rules
     sents: torch.Tensor  # (rows,) each row's sentence in the batch
     tokens: torch.Tensor  # (rows, t) the tokens so far

@@ -19,6 +19,7 @@ import torch
 from seqtool.config import DecodingConfig
 from seqtool.constraints import LineSpec, Vocab, line_problem, make_rules, prefix_problem
 from seqtool.data import make_batch
+from seqtool.ensemble import Ensemble
 from seqtool.errors import DataError, SeqtoolError
 from seqtool.hanzi import NONE, is_punct, tone
 from seqtool.model.seq2seq import Seq2Seq
@@ -124,7 +125,8 @@ class Translator:
     prefix: str = ""  # every line's prefix, unless the line has its own
     avoid: tuple[str, ...] = ()  # phrases no line's output holds, besides each line's own
     drop_prefix: bool = False  # outputs without their prefix
-    _output_rows: Optional[OutputRows] = field(default=None, init=False)  # the output layer, for shortlists
+    others: tuple[Seq2Seq, ...] = ()  # an ensemble's further members, with the same tokenizers (seqtool.ensemble)
+    _output_rows: list[OutputRows] = field(default_factory=list, init=False)  # each member's output layer: shortlists
     # phrase to avoid -> its spellings (--avoid-file: every line)
     _spelled: dict = field(default_factory=dict, init=False)
     _vocabs: dict = field(default_factory=dict, init=False)  # with tones or not -> the rules' Vocab, built once
@@ -136,8 +138,10 @@ class Translator:
         if self.decoding.shortlist and self.shortlist is None:
             raise SeqtoolError("decoding.shortlist: this model file has no shortlist table "
                                "(trained by an older seqtool); decode without --shortlist, or train it again")
+        if self.with_attention and self.others:
+            raise SeqtoolError("attention weights are one model's: an ensemble has none (use one -m)")
         if self.decoding.shortlist:
-            self._output_rows = OutputRows.of(self.model.output)
+            self._output_rows = [OutputRows.of(m.output) for m in (self.model, *self.others)]
 
     def prepare(self, line: str | Source, lineno: int = 1) -> Optional[Prepared]:
         """Tokenize a line and its controls; None for an empty line. A control that cannot be met is a
@@ -233,8 +237,12 @@ class Translator:
         ids = [p.ids for p in lines]
         batch = make_batch(ids, [[0]] * len(ids)).to(device)
         d = self.decoding
-        vocab = self.batch_vocab(ids, [p.spec.required_tokens() for p in lines]) if d.shortlist else None
-        model: Decodable = self.model if vocab is None else Shortlisted(self.model, vocab)
+        vocabs = self.batch_vocabs(ids, [p.spec.required_tokens() for p in lines]) if d.shortlist else []
+        vocab = vocabs[0] if vocabs else None  # the members' lists are the same; their output layers their own
+        members: list[Decodable] = [self.model, *self.others]
+        if vocabs:
+            members = [Shortlisted(m, v) for m, v in zip((self.model, *self.others), vocabs)]
+        model = members[0] if len(members) == 1 else Ensemble(members)
         specs = [p.spec for p in lines]
         rules = make_rules(specs, d, self._vocab(*specs), None if vocab is None else vocab.ids, device)
         if d.sample or (d.beam_size == 1 and d.nbest == 1):
@@ -245,10 +253,10 @@ class Translator:
                                d.coverage_penalty)
         return hyps if vocab is None else vocab.mapped(hyps)
 
-    def batch_vocab(self, ids: list[list[int]], required: list[list[int]]) -> BatchVocab:
-        """The shortlist of each source of a batch (with the tokens its rules require), their union, and the
-        output layer cut to the union."""
-        assert self.shortlist is not None and self._output_rows is not None
+    def batch_vocabs(self, ids: list[list[int]], required: list[list[int]]) -> list[BatchVocab]:
+        """The shortlist of each source of a batch (with the tokens its rules require), their union, and each
+        member's output layer cut to the union."""
+        assert self.shortlist is not None and self._output_rows
         d = self.decoding
         own = self.shortlist.rows(ids, d.shortlist, d.shortlist_frequent, self.src_tok is self.tgt_tok, required,
                                   self.tgt_tok.vocab_size)
@@ -257,7 +265,7 @@ class Translator:
         # Every line holding the whole union (one line, or alike ones) needs no mask at each step.
         mask = None if bool(allowed.all()) else allowed.to(self.model.device)
         union = union.to(self.model.device)
-        return BatchVocab(union, self._output_rows.restricted(union), mask)
+        return [BatchVocab(union, rows.restricted(union), mask) for rows in self._output_rows]
 
     def translate(self, lines: Sequence[str | Source], first_lineno: int = 1) -> list[Translation]:
         """Translate lines in any order of length; the result has one entry per line, in order."""
