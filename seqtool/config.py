@@ -142,6 +142,8 @@ class TrainingConfig(Section):
                                     "bleu_char, rouge = mean of ROUGE-1/2/L F1); computed whether listed or not")
     keep_last: int = Field(
         default=0, ge=0, le=1000, description="also keep the models of the last N validations (seqtool average)")
+    tensorboard: bool = Field(default=False, description="also write the metrics as TensorBoard events to "
+                              "MODEL_DIR/tensorboard (pip install -e \".[tensorboard]\")")
     patience: int = Field(default=10, ge=0, description="validations without improvement before stopping; 0 = never")
     threads: int = Field(default=0, ge=0, description="torch threads; 0 = one per core")
     device: str = Field(

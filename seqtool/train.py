@@ -50,6 +50,7 @@ from seqtool.distributed import (
     shutdown,
 )
 from seqtool.errors import ConfigError, DataError, ModelFileError, SeqtoolError
+from seqtool.events import Events, check_available
 from seqtool.metrics import logged
 from seqtool.model.seq2seq import build_model
 from seqtool.progress import Reporter
@@ -253,6 +254,8 @@ class Trainer:
         # Several processes: DDP averages the gradients; the plain model still validates and is saved.
         gpu = [self.precision.device] if self.precision.device.type == "cuda" else None
         self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=gpu) if self.ranks.parallel else model
+        self.events = Events(self.dir, self.progress.step) if self.cfg.training.tensorboard and self.ranks.main \
+            else None  # rank 0 alone writes files
 
     def end_epoch(self) -> None:
         p = self.progress
@@ -332,6 +335,8 @@ class Trainer:
         self.schedule.after_validation(score)
         p.last_valid = record
         append_line(self.dir / "metrics.jsonl", json.dumps(record))
+        if self.events is not None:
+            self.events.record(record)
         shown = {k: v for k, v in record.items() if k.startswith("valid_")}
         self.reporter.log(f"validation at step {p.step}: " + " ".join(f"{k}={v}" for k, v in shown.items())
                           + (" (best)" if improved else ""))
@@ -450,6 +455,8 @@ class Window:
 def check_before_start(cfg: Config, resume: bool) -> None:
     """The data files exist, and the model dir holds a run to resume, or none to overwrite."""
     check_data_paths(cfg)
+    if cfg.training.tensorboard:
+        check_available()
     model_dir = Path(cfg.training.model_dir)
     state_path = model_dir / STATE_FILE
     if resume and not state_path.exists():

@@ -225,3 +225,40 @@ def test_validation_scores_only_what_the_config_asks(tmp_path):
     run_training(cfg, quiet=True)
     assert all(not any(k.startswith("valid_") and k not in ("valid_loss", "valid_ppl") for k in r)
                for r in read_metrics(tmp_path / "l"))
+
+
+def test_tensorboard_events_hold_the_metrics_records_and_a_resume_replaces_what_came_after(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_config(tmp_path / "m", training={"max_steps": 20, "valid_every": 10, "tensorboard": True,
+                                                "valid_metrics": ["bleu", "chrf"]})
+    config = str(write_config(tmp_path / "c.yaml", cfg))
+    run_cli("train", "-c", config, "-q", check=True)
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "m" / "tensorboard")) as late:  # as if a killed run logged past its checkpoint
+        late.add_scalar("train/loss", 99.0, 25)
+    run_cli("train", "-c", config, "--set", "training.max_steps=30", "--resume", "-q", check=True)
+    events = EventAccumulator(str(tmp_path / "m" / "tensorboard"))
+    events.Reload()
+    records = read_metrics(tmp_path / "m")
+    assert [r["step"] for r in records] == [10, 20, 30]
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "valid/loss", "valid/ppl", "valid/bleu", "valid/chrf", "lr", "train/sent_per_s"} <= set(tags)
+    for key, tag in (("train_loss", "train/loss"), ("valid_bleu", "valid/bleu"), ("lr", "lr")):
+        seen = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in seen] == [10, 20, 30]
+        assert [v for _, v in seen] == pytest.approx([r[key] for r in records], rel=1e-6)
+
+
+def test_tensorboard_without_the_package_is_one_line(tmp_path, monkeypatch):
+    import importlib.util
+
+    from seqtool.errors import ConfigError
+    from seqtool.train import check_before_start
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "tensorboard" else real(name))
+    with pytest.raises(ConfigError, match=r"pip install -e \"\.\[tensorboard\]\""):
+        check_before_start(validate(tiny_config(tmp_path / "m", training={"tensorboard": True})), resume=False)
