@@ -16,6 +16,9 @@ PANELS = [
     ("validation perplexity", ("valid_ppl",)),
     ("learning rate", ("lr",)),
 ]
+# Drawn when the runs logged it (seqtool before 2026-12-04 did not); on a log scale: exploding and vanishing
+# gradients differ by orders of magnitude.
+GRADIENTS = ("gradient norm before clipping (log)", ("train_grad_norm", "train_grad_norm_max"))
 X_AXES = {"step": ("step", "step"), "time": ("time_s", "minutes")}
 
 
@@ -76,8 +79,9 @@ def plot_curves(runs: Sequence[Path], out: Path, x: str = "step") -> None:
     key, label = X_AXES[x]
     histories = [(run.name or str(run), read_metrics(run)) for run in runs]
     logged = {k for _, records in histories for r in records for k in r}
-    panels = PANELS + [(f"validation {m.title} (greedy)", (f"valid_{name}",)) for name, m in METRICS.items()
-                       if f"valid_{name}" in logged]
+    panels = PANELS + ([GRADIENTS] if "train_grad_norm" in logged else []) + [
+        (f"validation {m.title} (greedy)", (f"valid_{name}",))
+        for name, m in METRICS.items() if f"valid_{name}" in logged]
     rows = (len(panels) + 1) // 2
     fig, axes = plt.subplots(rows, 2, figsize=(10, 3.5 * rows), constrained_layout=True, squeeze=False)
     for ax in axes.flat[len(panels):]:
@@ -92,6 +96,8 @@ def plot_curves(runs: Sequence[Path], out: Path, x: str = "step") -> None:
                     ax.plot(xs, ys, marker="o", markersize=3, color=f"C{run_index}",
                             linestyle=("-", "--")[key_index % 2], label=f"{who}{metric}")
         ax.set_title(title)
+        if (title, keys) == GRADIENTS and ax.lines:
+            ax.set_yscale("log")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
         if ax.lines:

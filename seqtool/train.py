@@ -301,13 +301,13 @@ class Trainer:
                                                      self.schedule.state()))
 
     # -- validation ----------------------------------------------------------------------------
-    def validate(self, train_loss: float, sent_s: float, tok_s: float) -> bool:
+    def validate(self, train_loss: float, sent_s: float, tok_s: float, gradients: Optional[dict] = None) -> bool:
         """Score the dev set, log a metrics line, keep the best model; True when it improved."""
         model, t = self.bundle.model, self.cfg.training
         model.eval()
         record = {"step": self.progress.step, "epoch": self.progress.epoch, "time_s": round(self.progress.elapsed_s, 1),
                   "lr": self.schedule.lr, "train_loss": round(train_loss, 4),
-                  "train_sent_per_s": round(sent_s, 1), "train_tgt_tok_per_s": round(tok_s, 1)}
+                  "train_sent_per_s": round(sent_s, 1), "train_tgt_tok_per_s": round(tok_s, 1), **(gradients or {})}
         if self.valid is not None:
             release_freed_memory()  # the training steps' free blocks, so the decoder's own need not stack on them
             loss, ppl = validation_loss(model, self.valid, t.batch_tokens)
@@ -344,9 +344,10 @@ class Trainer:
         return improved
 
     # -- the loop ------------------------------------------------------------------------------
-    def train_step(self, whole: Examples) -> Optional[float]:
+    def train_step(self, whole: Examples) -> tuple[Optional[float], Optional[float]]:
         """One update on a global batch: this rank's share forward and backward, the NaN policy, clipping and the
-        optimizer step -> the loss summed over all ranks, or None when the batch was skipped."""
+        optimizer step -> (the loss summed over all ranks, the global gradient norm before clipping), (None, None)
+        when the batch was skipped."""
         t, p = self.cfg.training, self.progress
         mine, real = whole, True
         if self.ranks.parallel:
@@ -366,15 +367,19 @@ class Trainer:
                 raise SeqtoolError(f"step {p.step + 1}: loss is {shown}; stopped (training.on_nan=stop); "
                                    f"the checkpoints in {self.dir} are from before it")
             self.reporter.log(f"step {p.step + 1}: loss is {shown}; batch skipped (training.on_nan=skip)")
-            return None
+            return None, None
         # DDP averages over ranks: scaling by world makes it the global per-token mean.
         self.scaler.scale(loss / target_tokens(whole) * self.ranks.world).backward()
+        # The norm of the true gradients (fp16 scales them), all ranks' after DDP's exchange: logged, and clipped
+        # to training.clip_grad_norm unless that is 0.
+        self.scaler.unscale_(self.optimizer)
+        params = list(self.bundle.model.parameters())
+        norm = torch.nn.utils.get_total_norm([q.grad for q in params if q.grad is not None])
         if t.clip_grad_norm > 0:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients (fp16 scales them)
-            torch.nn.utils.clip_grad_norm_(self.bundle.model.parameters(), t.clip_grad_norm)
+            torch.nn.utils.clip_grads_with_norm_(params, t.clip_grad_norm, norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return total
+        return total, norm.item()
 
     def run(self) -> str:
         """Train until a limit, early stopping or a signal; returns why it stopped."""
@@ -390,7 +395,7 @@ class Trainer:
                 limits = [n for n in (t.max_steps, t.max_epochs * (n_batches or 0)) if n]
                 self.reporter.set_total(min(limits) if limits else None)
                 for whole in islice(batches, p.batch_in_epoch, None):  # resuming mid-epoch skips what was done
-                    window.add(self.train_step(whole), target_tokens(whole), len(whole))
+                    window.add(*self.train_step(whole), target_tokens(whole), len(whole), t.clip_grad_norm)
                     p.step += 1
                     p.batch_in_epoch += 1
                     self.schedule.after_step()
@@ -405,7 +410,8 @@ class Trainer:
                     stalled = False
                     if p.step % t.valid_every == 0:
                         last_rates = (sent_s, tok_s)
-                        improved = self._on_main(partial(self.validate, window.mean_loss(), sent_s, tok_s))
+                        improved = self._on_main(partial(self.validate, window.mean_loss(), sent_s, tok_s,
+                                                         window.gradients()))
                         window = Window()
                         p.elapsed_s = time.monotonic() - start  # validation time counts against max_minutes
                         stalled = not improved and t.patience > 0 and p.bad_validations >= t.patience
@@ -419,7 +425,7 @@ class Trainer:
             self._on_main(lambda: self.save_checkpoint(best=False, validated=False))
         elif p.step % t.valid_every != 0 and p.step > first_step:
             rates = window.rates() if window.tokens else last_rates
-            self._on_main(lambda: self.validate(window.mean_loss(), *rates))
+            self._on_main(lambda: self.validate(window.mean_loss(), *rates, window.gradients()))
         return reason
 
 
@@ -437,11 +443,25 @@ class Window:
     tokens: int = 0
     sents: int = 0
     t0: float = field(default_factory=time.monotonic)
+    norms: list[float] = field(default_factory=list)  # each step's gradient norm before clipping
+    clipped: int = 0  # steps whose gradients clipping scaled down
 
-    def add(self, loss: Optional[float], tokens: int, sents: int) -> None:
+    def add(self, loss: Optional[float], grad_norm: Optional[float], tokens: int, sents: int, clip: float) -> None:
         self.loss += 0.0 if loss is None else loss
         self.tokens += tokens
         self.sents += sents
+        if grad_norm is not None:
+            self.norms.append(grad_norm)
+            self.clipped += int(clip > 0 and grad_norm > clip)
+
+    def gradients(self) -> dict[str, float]:
+        """The window's gradient norms before clipping (mean and max; NaN or inf stay what they were), and the
+        share of its steps that clipping changed."""
+        if not self.norms:
+            return {}
+        n = len(self.norms)
+        return {"train_grad_norm": round(sum(self.norms) / n, 4), "train_grad_norm_max": round(max(self.norms), 4),
+                "train_clipped": round(self.clipped / n, 4)}
 
     def mean_loss(self) -> float:
         return self.loss / max(self.tokens, 1)

@@ -105,3 +105,22 @@ def test_attention_weights_match_the_search_and_need_an_attention_model():
         weights = attention_weights(model, [5, 6, 7, 8], [9, 10])
     assert len(weights) == 3 and all(len(row) == 4 for row in weights)
     assert all(abs(sum(row) - 1) < 1e-3 for row in weights)
+
+
+def test_plot_draws_the_gradient_norms_on_a_log_scale_when_logged(tmp_path, monkeypatch):
+    from seqtool import plot
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": s, "time_s": s, "lr": 1e-3, "train_loss": 3.0 / s, "train_grad_norm": 10.0 ** s,
+         "train_grad_norm_max": 10.0 ** (s + 1)}) + "\n" for s in (1, 2, 3)))
+    seen = {}
+    real = plot._save
+
+    def spy(fig, out):
+        seen.update({ax.get_title(): ax for ax in fig.axes if ax.get_visible()})
+        real(fig, out)
+    monkeypatch.setattr(plot, "_save", spy)
+    plot.plot_curves([tmp_path], tmp_path / "c.png")
+    ax = seen["gradient norm before clipping (log)"]
+    assert ax.get_yscale() == "log" and [line.get_ydata().tolist() for line in ax.lines] == [[10, 100, 1000],
+                                                                                          [100, 1000, 10000]]

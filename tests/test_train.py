@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import math
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import torch
 from conftest import ROOT, read_metrics, run_cli, tiny_config, write_config
 from seqtool.checkpoint import STATE_FILE, TrainState, load_state, save_state
 from seqtool.config import validate
+from seqtool.data import make_batch
 from seqtool.device import Precision
 from seqtool.progress import Reporter
 from seqtool.train import prepare, restore_rng, rng_states, run_training
@@ -262,3 +265,31 @@ def test_tensorboard_without_the_package_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "tensorboard" else real(name))
     with pytest.raises(ConfigError, match=r"pip install -e \"\.\[tensorboard\]\""):
         check_before_start(validate(tiny_config(tmp_path / "m", training={"tensorboard": True})), resume=False)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_the_gradient_norm_logged_is_torchs_and_clipping_applies_only_when_set(tmp_path, clip):
+    cfg = validate(tiny_config(tmp_path / "m", training={**SMALL, "clip_grad_norm": clip},
+                               model={"dropout": 0.0}))
+    trainer = prepare(cfg, Reporter(quiet=True), False)
+    batches, _ = trainer.train.epoch(cfg.training.batch_tokens, 0)
+    whole = next(batches)
+    # The same gradients computed apart, on a copy of the model before the step.
+    twin = copy.deepcopy(trainer.bundle.model)
+    batch = make_batch(whole.src, whole.tgt)
+    loss = twin(batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out, label_smoothing=cfg.training.label_smoothing)
+    (loss / batch.n_tgt_tokens).backward()
+    want = math.sqrt(sum(float((q.grad.double() ** 2).sum()) for q in twin.parameters() if q.grad is not None))
+    _, norm = trainer.train_step(whole)
+    assert norm == pytest.approx(want, rel=1e-4) and norm > 0.5  # the tiny model's first gradients are larger
+    # After the step the gradients are still there: unclipped with 0, scaled to the limit otherwise.
+    after = math.sqrt(sum(float((q.grad.double() ** 2).sum()) for q in trainer.bundle.model.parameters()
+                          if q.grad is not None))
+    assert after == pytest.approx(want if clip == 0 else clip, rel=1e-4)
+
+
+def test_metrics_records_hold_the_gradient_norms_and_the_clipped_share(tmp_path):
+    cfg = tiny_config(tmp_path / "m", training={"max_steps": 20, "valid_every": 10, "clip_grad_norm": 1e-3})
+    run_cli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg)), "-q", check=True)
+    records = read_metrics(tmp_path / "m")
+    assert all(r["train_clipped"] == 1.0 and r["train_grad_norm_max"] >= r["train_grad_norm"] > 1e-3 for r in records)
