@@ -6,6 +6,10 @@
                      (acrostic poems: with `seqtool serve --poem-first MODEL`, the served model answers each line)
     GET  /health     ->  {"status": "ok", "requests": N, "lines": N, "batches": N, "refused_busy": N, "waiting": N}
     GET  /info       ->  the model card (as `seqtool info --json`)
+    GET  /           ->  a page to try the model in a browser (seqtool/web: plain HTML, CSS, JavaScript)
+
+A /translate request may carry its own "options": {"beam_size", "nbest", "sample", "temperature", "top_k",
+"top_p", "seed", "attention"}; requests with the same options are decoded together.
 
 Every error is {"error": "one line"}: 400 for a malformed request, 413 for a body over the limit, 408 for
 a body too slow to arrive, 503 when too many lines wait; 500 only for a seqtool bug, and only for the
@@ -20,8 +24,10 @@ import socket
 import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from importlib import resources
 from typing import Optional, Union, cast
 
+from seqtool.config import DecodingConfig
 from seqtool.errors import SeqtoolError, one_line
 from seqtool.poem import MAX_CHARS, Poet
 from seqtool.translate import Prepared, Source, Translation, Translator, translation_record
@@ -29,7 +35,7 @@ from seqtool.translate import Prepared, Source, Translation, Translator, transla
 try:
     import uvicorn
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
     from fastapi.routing import APIRoute
     from pydantic import BaseModel, ConfigDict, Field, ValidationError
     from starlette.exceptions import HTTPException
@@ -49,9 +55,27 @@ class Line(BaseModel):
     avoid: list[str] = []
 
 
+MAX_BEAM = 32  # a request's own beam: a web page's slider, not a way to hold the server
+
+
+class Options(BaseModel):
+    """A request's own decoding settings (the server's where not given), and whether to return attention."""
+
+    model_config = ConfigDict(extra="forbid")
+    beam_size: Optional[int] = Field(default=None, ge=1, le=MAX_BEAM)
+    nbest: Optional[int] = Field(default=None, ge=1, le=MAX_BEAM)
+    sample: Optional[bool] = None
+    temperature: Optional[float] = None
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    seed: Optional[int] = None
+    attention: bool = False
+
+
 class TranslateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lines: list[Union[str, Line]]
+    options: Options = Field(default_factory=Options)
 
 
 MAX_HEADS = 64  # heads (lines) of one poem: a request is a poem, not a batch job
@@ -87,7 +111,10 @@ class Batcher:
     waiting: int = 0
     stats: dict = field(default_factory=lambda: {"requests": 0, "lines": 0, "batches": 0, "refused_busy": 0})
 
-    async def translate(self, lines: list[Optional[Prepared]]) -> list[Translation]:
+    async def translate(self, lines: list[Optional[Prepared]], translator: Optional[Translator] = None
+                        ) -> list[Translation]:
+        """The translations of `lines`, decoded with `translator` (a request's own settings; the server's by
+        default) together with the other waiting lines of the same settings."""
         if self.waiting + len(lines) > self.max_waiting:
             self.stats["refused_busy"] += 1
             raise Busy(f"server busy: {self.waiting} lines waiting (--max-queue {self.max_waiting}); retry shortly")
@@ -95,7 +122,7 @@ class Batcher:
         self.stats["lines"] += len(lines)
         done = asyncio.get_running_loop().create_future()
         self.waiting += len(lines)
-        self.queue.put_nowait((lines, done))
+        self.queue.put_nowait((lines, done, translator or self.translator))
         return await done
 
     async def run(self) -> None:
@@ -115,21 +142,24 @@ class Batcher:
                 jobs.append(job)
                 taken += len(job[0])
             self.waiting -= taken
-            try:
-                await self._decode(jobs)
-            except Exception as exc:  # never lose the worker: whatever went wrong goes to these requests
-                for _, done in jobs:
-                    _settle(done, exc=exc)
+            groups: dict[int, list] = {}  # one batch per decoding setting, in the order they came
+            for job in jobs:
+                groups.setdefault(id(job[2]), []).append(job)
+            for group in groups.values():
+                try:
+                    await self._decode(group)
+                except Exception as exc:  # never lose the worker: whatever went wrong goes to these requests
+                    for _, done, _ in group:
+                        _settle(done, exc=exc)
 
     async def _decode(self, jobs: list) -> None:
         """Decode the jobs together; if that fails for any reason, each job alone, so that one request's
         failure is that request's alone. A job whose client has gone (its future cancelled) is skipped."""
-        jobs = [(lines, done) for lines, done in jobs if not done.done()]
+        jobs = [job for job in jobs if not job[1].done()]
         if not jobs:
             return
         try:
-            results = await asyncio.to_thread(_translate, self.translator,
-                                              [line for lines, _ in jobs for line in lines])
+            results = await asyncio.to_thread(_translate, jobs[0][2], [line for lines, _, _ in jobs for line in lines])
         except Exception as exc:
             if len(jobs) > 1:
                 for job in jobs:
@@ -138,7 +168,7 @@ class Batcher:
             _settle(jobs[0][1], exc=exc)
             return
         self.stats["batches"] += 1
-        for lines, done in jobs:
+        for lines, done, _ in jobs:
             _settle(done, results[: len(lines)])
             results = results[len(lines):]
 
@@ -187,6 +217,22 @@ def make_app(translator: Translator, card: dict, max_lines: int = 1000, max_body
              wait_ms: float = 5.0, max_queue: int = 10_000, body_timeout_s: float = 10.0,
              poet: Optional[Poet] = None) -> FastAPI:
     batcher = Batcher(translator, max_lines, wait_ms / 1000, max_queue)
+    variants: dict[str, Translator] = {}  # a request's options -> its translator, built once (a few kept)
+
+    def translator_for(options: Options) -> Translator:
+        given = options.model_dump(exclude_none=True, exclude={"attention"})
+        if not given and not options.attention:
+            return translator
+        key = options.model_dump_json()
+        if key not in variants:
+            try:
+                decoding = DecodingConfig.model_validate({**translator.decoding.model_dump(), **given})
+            except ValidationError as exc:
+                raise SeqtoolError(f"options.{_one_line(exc)}") from None
+            if len(variants) >= 64:
+                variants.clear()
+            variants[key] = replace(translator, decoding=decoding, with_attention=options.attention)
+        return variants[key]
 
     def too_large() -> JSONResponse:
         return JSONResponse({"error": f"request body over {max_body} bytes"}, status_code=413)
@@ -209,6 +255,10 @@ def make_app(translator: Translator, card: dict, max_lines: int = 1000, max_body
         if size is not None and (not size.isdigit() or int(size) > max_body):
             return too_large()
         return await call_next(request)
+
+    for name, media in PAGE.items():  # the page to try the model: seqtool/web, shipped in the package
+        app.add_api_route("/" if name == "index.html" else f"/{name}", _page_file(name, media), methods=["GET"],
+                          include_in_schema=False)
 
     @app.get("/health")
     async def health() -> dict:
@@ -255,8 +305,9 @@ def make_app(translator: Translator, card: dict, max_lines: int = 1000, max_body
                                 status_code=400)
 
         async def work():
-            prepared = [translator.prepare(_source(line), i) for i, line in enumerate(req.lines, 1)]
-            return {"translations": [translation_record(t) for t in await batcher.translate(prepared)]}
+            mine = translator_for(req.options)
+            prepared = [mine.prepare(_source(line), i) for i, line in enumerate(req.lines, 1)]
+            return {"translations": [translation_record(t) for t in await batcher.translate(prepared, mine)]}
         return await answer(work)
 
     @app.post("/poem")
@@ -274,6 +325,18 @@ def make_app(translator: Translator, card: dict, max_lines: int = 1000, max_body
         return await answer(work)
 
     return app
+
+
+PAGE = {"index.html": "text/html; charset=utf-8", "page.js": "text/javascript; charset=utf-8",
+        "page.css": "text/css; charset=utf-8"}
+
+
+def _page_file(name: str, media: str):
+    body = (resources.files("seqtool") / "web" / name).read_bytes()  # read once, at start
+
+    async def page() -> Response:
+        return Response(body, media_type=media)
+    return page
 
 
 def _one_line(exc: ValidationError) -> str:

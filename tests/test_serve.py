@@ -363,3 +363,83 @@ def test_load_many_clients_every_answer_its_own_lines_in_order(server):
         row = asyncio.run(load.run_level(url, clients, 2.0, expected, request_lines=20))
         assert row["errors"] == 0 and row["busy_503"] == 0, row
         assert row["requests"] >= clients and row["lines"] > row["requests"], row
+
+
+def test_a_request_chooses_its_own_search_and_gets_the_clis_answers(server, trained_model):
+    url, _ = server
+    lines = ["seliti roma zefu", "fizafa la sa"]
+    for options, flags in (({"beam_size": 3, "nbest": 2}, ["--beam", "3", "--nbest", "2"]),
+                           ({"beam_size": 1}, ["--beam", "1"]),
+                           ({"sample": True, "seed": 4, "temperature": 0.7}, ["--sample", "--seed", "4",
+                                                                             "--temperature", "0.7"])):
+        r = httpx.post(url + "/translate", json={"lines": lines, "options": options}, timeout=60)
+        assert r.status_code == 200, r.text
+        cli = run_cli("translate", "-m", str(trained_model), "--shortlist", "0", "--format", "json", *flags,
+                      input="\n".join(lines) + "\n", check=True)
+        want = [json.loads(line) for line in cli.stdout.splitlines()]
+        got = r.json()["translations"]
+        assert [t["text"] for t in got] == [t["text"] for t in want]
+        assert [[h["text"] for h in t["nbest"]] for t in got] == [[h["text"] for h in t["nbest"]] for t in want]
+    r = httpx.post(url + "/translate", json={"lines": lines, "options": {"attention": True}}, timeout=60)
+    weights = r.json()["translations"][0]["attention"]
+    assert len(weights[0]) == len(r.json()["translations"][0]["src_pieces"])
+    for options, message in (({"beam_size": 99}, "options.beam_size"), ({"top_p": 2}, "options.top_p"),
+                             ({"beams": 2}, "options.beams")):
+        r = httpx.post(url + "/translate", json={"lines": lines, "options": options}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"].startswith(message), r.text
+
+
+def _browser():
+    """A headless chromium driven by selenium, or a skip saying what is missing."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver = shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.skip("no chromium and chromedriver here (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,900"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_the_page_translates_a_typed_line_and_shows_errors_in_a_real_browser(server, trained_model, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = server
+    line = "seliti roma zefu"
+    want = json.loads(run_cli("translate", "-m", str(trained_model), "--shortlist", "0", "--beam", "5", "--nbest",
+                              "3", "--format", "json", input=line + "\n", check=True).stdout)
+    page = _browser()
+    try:
+        page.get(url + "/")
+        wait = WebDriverWait(page, 60)
+        wait.until(lambda p: "parameters" in p.find_element(By.ID, "model").text)  # the model card arrived
+        page.find_element(By.ID, "lines").send_keys(line)
+        nbest = page.find_element(By.ID, "nbest")
+        nbest.clear()
+        nbest.send_keys("3")
+        page.find_element(By.ID, "attention").click()
+        page.find_element(By.ID, "go").click()
+        shown = wait.until(ready.visibility_of_element_located((By.CSS_SELECTOR, "#out .result .text")))
+        assert shown.text == want["text"]
+        items = [li.text for li in page.find_elements(By.CSS_SELECTOR, "#out .result ol li")]
+        assert [i.rsplit(" (", 1)[0] for i in items] == [h["text"] for h in want["nbest"]]
+        assert len(page.find_elements(By.CSS_SELECTOR, "#out table.attention tbody tr")) == len(want["pieces"]) + 1
+        page.save_screenshot(str(tmp_path / "page.png"))
+        # An error from the API is shown as its message (the page leaves the checking to the server).
+        beam = page.find_element(By.ID, "beam")
+        beam.clear()
+        beam.send_keys("99")
+        page.find_element(By.ID, "go").click()
+        error = wait.until(ready.visibility_of_element_located((By.ID, "error")))
+        assert error.text == "options.beam_size: Input should be less than or equal to 32"
+    finally:
+        page.quit()
+    assert (tmp_path / "page.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
