@@ -4,7 +4,8 @@
                      ->  {"translations": [{"text", "nbest", "pieces", ...}]}
     POST /poem       {"heads": "春夏秋冬", "chars": 5, "tones": true}  ->  {"heads", "lines": [...]}
                      (acrostic poems: with `seqtool serve --poem-first MODEL`, the served model answers each line)
-    GET  /health     ->  {"status": "ok", "requests": N, "lines": N, "batches": N, "refused_busy": N, "waiting": N}
+    GET  /health     ->  {"status": "ok", "requests": N, "lines": N, "batches": N, "refused_busy": N, "waiting": N,
+                          "poems": whether POST /poem is served}
     GET  /info       ->  the model card (as `seqtool info --json`)
     GET  /           ->  a page to try the model in a browser (seqtool/web: plain HTML, CSS, JavaScript)
 
@@ -262,7 +263,7 @@ def make_app(translator: Translator, card: dict, max_lines: int = 1000, max_body
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", **batcher.stats, "waiting": batcher.waiting}
+        return {"status": "ok", **batcher.stats, "waiting": batcher.waiting, "poems": poet is not None}
 
     @app.get("/info")
     async def info() -> dict:

@@ -302,3 +302,43 @@ def test_serve_writes_poems(first_line_model, couplet_model):
     reply = in_process(make_app(served, {}), no_poet)
     assert Poet(translator(first_line_model), served, tones=False).next_line.decoding.final_tone is False
     assert reply.status_code == 404 and "--poem-first" in reply.json()["error"]
+
+
+def test_the_serve_page_writes_an_acrostic_poem_in_a_real_browser(first_line_model, couplet_model):
+    import subprocess
+    import sys
+
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from conftest import ROOT
+    from test_serve import _browser, _free_port
+
+    page = _browser()  # skips first where there is no browser
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "seqtool", "serve", "-m", str(couplet_model), "--poem-first",
+                             str(first_line_model), "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        WebDriverWait(httpx, 120, ignored_exceptions=(httpx.TransportError,)).until(
+            lambda h: h.get(url + "/health").json()["poems"])
+        page.get(url + "/")
+        wait = WebDriverWait(page, 60)
+        heads = wait.until(ready.visibility_of_element_located((By.ID, "heads")))  # shown: the server writes poems
+        heads.send_keys("天江秋南")
+        page.find_element(By.ID, "write").click()
+        wait.until(lambda p: len(p.find_elements(By.CSS_SELECTOR, "#out .poem .text")) == 4)
+        lines = [e.text for e in page.find_elements(By.CSS_SELECTOR, "#out .poem .text")]
+        assert [line[0] for line in lines] == list("天江秋南") and {len(line) for line in lines} == {5}
+        heads.clear()
+        heads.send_keys("x")
+        page.find_element(By.ID, "write").click()
+        error = wait.until(ready.visibility_of_element_located((By.ID, "error")))
+        assert error.text == "line 1: the head 'x' is not a Chinese character"
+    finally:
+        page.quit()
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -79,23 +79,50 @@ function fail(message) {
   $("error").hidden = false;
 }
 
-$("form").addEventListener("submit", async (event) => {
-  event.preventDefault();
+async function post(path, body, button) {
+  // The API's answer, or null after showing its error (or the network's) as the message.
   $("error").hidden = true;
-  const lines = $("lines").value.split("\n").filter((l) => l.trim());
-  if (!lines.length) return fail("type a line to translate");
-  $("go").disabled = true;
+  button.disabled = true;
   try {
-    const response = await fetch("translate", {method: "POST", headers: {"Content-Type": "application/json"},
-                                               body: JSON.stringify(request(lines))});
+    const response = await fetch(path, {method: "POST", headers: {"Content-Type": "application/json"},
+                                        body: JSON.stringify(body)});
     const data = await response.json().catch(() => ({error: `${response.status} ${response.statusText}`}));
-    if (!response.ok) fail(data.error || `${response.status} ${response.statusText}`);
-    else show(lines, data.translations);
+    if (response.ok) return data;
+    fail(data.error || `${response.status} ${response.statusText}`);
   } catch (e) {
     fail(`the server did not answer: ${e.message}`);
   } finally {
-    $("go").disabled = false;
+    button.disabled = false;
   }
+  return null;
+}
+
+$("form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const lines = $("lines").value.split("\n").filter((l) => l.trim());
+  if (!lines.length) return fail("type a line to translate");
+  const data = await post("translate", request(lines), $("go"));
+  if (data) show(lines, data.translations);
 });
 
+$("poem-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const body = {heads: $("heads").value.trim(), chars: Number($("chars").value), tones: $("tones").checked};
+  const data = await post("poem", body, $("write"));
+  if (!data) return;
+  const box = el("div", "result poem");
+  box.appendChild(el("p", "source", data.heads));
+  for (const line of data.lines) box.appendChild(el("p", "text", line));
+  $("out").replaceChildren(box);
+});
+
+async function loadHealth() {
+  try {
+    $("poem-form").hidden = !(await (await fetch("health")).json()).poems;  // served with --poem-first
+  } catch (e) {
+    // no poem form then
+  }
+}
+
 loadCard();
+loadHealth();
