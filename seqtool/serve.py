@@ -361,9 +361,9 @@ def check_port(host: str, port: int) -> None:
 
 def serve(app: FastAPI, host: str, port: int, verbose: bool) -> None:
     check_port(host, port)
-    routes = ", ".join(f"{method} {r.path}" for r in app.routes if isinstance(r, APIRoute)
+    routes = ", ".join(f"{method} {r.path}" for r in app.routes if isinstance(r, APIRoute) and r.include_in_schema
                        for method in sorted(cast(set[str], r.methods)))  # an APIRoute always has methods (GET)
-    print(f"seqtool: serving on http://{host}:{port} ({routes})", file=sys.stderr, flush=True)
+    print(f"seqtool: serving on http://{host}:{port} ({routes}; a page to try it at /)", file=sys.stderr, flush=True)
     try:  # "" binds every interface, as 0.0.0.0 does
         addresses = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)} if host else set()
     except OSError:

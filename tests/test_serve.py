@@ -309,7 +309,7 @@ def test_binding_beyond_localhost_is_said_and_bad_ports_hosts_are_one_line(train
         proc.terminate()
         proc.wait(timeout=30)
     assert first.startswith(f"seqtool: serving on http://0.0.0.0:{port} (GET /health, GET /info, POST /translate, "
-                            "POST /poem)".encode())  # the banner lists the app's own routes
+                            "POST /poem; a page to try it at /)".encode())  # the banner lists the app's own routes
     assert b"0.0.0.0 is reachable from other machines" in second
     for args, message in ((["--port", "70000"], "--port must be a TCP port, 1 to 65535, not 70000"),
                           (["--port", "0"], "--port must be a TCP port"),
