@@ -19,6 +19,7 @@ from seqtool.data import iter_lines, make_batch
 from seqtool.errors import DataError
 from seqtool.model.seq2seq import Seq2Seq
 from seqtool.tokenizer import PAD, Tokenizer
+from seqtool.translate import source_ids
 
 CHUNK = 2000  # pairs read, scored and written at a time: output streams, memory stays bounded
 PADDED_TARGET_TOKENS = 4096  # per batch: the (B, T, V) scores of one batch stay about 130 MB at V = 8,000
@@ -54,7 +55,7 @@ class Scorer:
     src_tok: Tokenizer
     tgt_tok: Tokenizer
     truncate_src: int = 0  # data.truncate_src, as in training and translation
-    max_input_tokens: int = 0  # decoding.max_input_tokens: longer sources are cut (and said so), as translate does
+    max_input_tokens: int = 1024  # decoding.max_input_tokens: longer sources are cut (and said so), as translate does
     batch_size: int = 64
     warn: Callable[[str], None] = lambda message: None
 
@@ -67,19 +68,10 @@ class Scorer:
             yield from self._chunk(chunk, first)
             first += len(chunk)
 
-    def _ids(self, src: str, lineno: int) -> list[int]:
-        ids = self.src_tok.encode(src) if src.strip() else []
-        if self.truncate_src:
-            ids = ids[: self.truncate_src]
-        if self.max_input_tokens and len(ids) > self.max_input_tokens:
-            self.warn(f"line {lineno}: {len(ids)} tokens, truncated to {self.max_input_tokens} "
-                      f"(decoding.max_input_tokens)")
-            ids = ids[: self.max_input_tokens]
-        return ids
-
     @torch.no_grad()
     def _chunk(self, pairs: Sequence[tuple[str, str]], first: int) -> list[Optional[LineScore]]:
-        src = [self._ids(s, first + i) for i, (s, _) in enumerate(pairs)]
+        src = [source_ids(self.src_tok, s, self.truncate_src, self.max_input_tokens, self.warn, first + i)
+               if s.strip() else [] for i, (s, _) in enumerate(pairs)]
         tgt = [self.tgt_tok.encode(t) for _, t in pairs]
         out: list[Optional[LineScore]] = [None] * len(pairs)
         order = sorted((i for i in range(len(pairs)) if src[i]), key=lambda i: (len(tgt[i]), len(src[i])))
@@ -89,7 +81,7 @@ class Scorer:
             scores = self.model(batch.src, batch.src_lens, batch.tgt_in)
             logp = torch.log_softmax(scores.float(), dim=-1)
             real = batch.tgt_out != PAD
-            picked = logp.gather(-1, batch.tgt_out.clamp_min(0).unsqueeze(-1)).squeeze(-1) * real
+            picked = logp.gather(-1, batch.tgt_out.unsqueeze(-1)).squeeze(-1) * real  # padding: PAD's, zeroed
             for i, total, n in zip(idx, picked.sum(1).tolist(), real.sum(1).tolist()):
                 out[i] = LineScore(total, int(n))
         return out

@@ -73,6 +73,9 @@ class Options(BaseModel):
     attention: bool = False
 
 
+NO_OPTIONS = Options()
+
+
 class TranslateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lines: list[Union[str, Line]]
@@ -221,18 +224,21 @@ def make_app(translator: Translator, card: dict, max_lines: int = 1000, max_body
     variants: dict[str, Translator] = {}  # a request's options -> its translator, built once (a few kept)
 
     def translator_for(options: Options) -> Translator:
-        given = options.model_dump(exclude_none=True, exclude={"attention"})
-        if not given and not options.attention:
+        """The server's own translator for options that change nothing (they share its batches), else one
+        made for them."""
+        if options == NO_OPTIONS:  # most requests: nothing to build or look up
             return translator
         key = options.model_dump_json()
         if key not in variants:
+            given = options.model_dump(exclude_none=True, exclude={"attention"})
             try:
                 decoding = DecodingConfig.model_validate({**translator.decoding.model_dump(), **given})
             except ValidationError as exc:
                 raise SeqtoolError(f"options.{_one_line(exc)}") from None
             if len(variants) >= 64:
                 variants.clear()
-            variants[key] = replace(translator, decoding=decoding, with_attention=options.attention)
+            variants[key] = translator if decoding == translator.decoding and not options.attention else \
+                replace(translator, decoding=decoding, with_attention=options.attention)
         return variants[key]
 
     def too_large() -> JSONResponse:

@@ -99,6 +99,19 @@ class Translation:
     attention: Optional[list[list[float]]] = None  # (output pieces + </s>) x source pieces, when asked
 
 
+def source_ids(tok: Tokenizer, text: str, truncate_src: int, limit: int, warn: Callable[[str], None],
+               lineno: int) -> list[int]:
+    """A source line as the model reads it: cut to data.truncate_src silently, as in training, then to
+    decoding.max_input_tokens with a warning (translation and scoring alike)."""
+    ids = tok.encode(text)
+    if truncate_src:
+        ids = ids[:truncate_src]
+    if len(ids) > limit:
+        warn(f"line {lineno}: {len(ids)} tokens, truncated to {limit} (decoding.max_input_tokens)")
+        ids = ids[:limit]
+    return ids
+
+
 def attention_weights(model: Seq2Seq, src: list[int], tokens: list[int]) -> list[list[float]]:
     """Attention of each output step (tokens, then EOS) over the source, by teacher-forcing `tokens`."""
     batch = make_batch([src], [tokens]).to(model.device)
@@ -149,13 +162,8 @@ class Translator:
         source = line if isinstance(line, Source) else Source(line)
         if not source.text.strip():
             return None
-        ids = self.src_tok.encode(source.text)
-        if self.truncate_src:
-            ids = ids[: self.truncate_src]
-        limit = self.decoding.max_input_tokens
-        if len(ids) > limit:
-            self.warn(f"line {lineno}: {len(ids)} tokens, truncated to {limit} (decoding.max_input_tokens)")
-            ids = ids[:limit]
+        ids = source_ids(self.src_tok, source.text, self.truncate_src, self.decoding.max_input_tokens, self.warn,
+                         lineno)
         d = self.decoding
         text = source.prefix or self.prefix
         prefix = self._target(text, "the prefix", lineno) if text else ()
