@@ -74,6 +74,11 @@ class ModelConfig(Section):
     hidden_size: int = Field(default=512, gt=0, le=65536)
     decoder_layers: int = Field(default=1, gt=0, le=16)
     context: Literal["init", "every_step", "attention"] = "attention"
+    context_vector: Optional[Literal["last", "last_transform", "mean", "max"]] = Field(
+        default=None, description="how the context vector c is formed from the encoder states h_1..h_T: last "
+        "(c = h_T), last_transform (c = tanh(W h_T)), mean or max (pooled over the real tokens); init starts the "
+        "decoder at c, every_step also reads c at every step (and starts at tanh(V c)), attention starts at tanh(V "
+        "c). Default: last_transform for init, last otherwise")
     attention: Literal["bahdanau", "luong_dot", "luong_general", "luong_concat"] = "bahdanau"
     input_feeding: bool = False
     dropout: float = Field(default=0.3, ge=0.0, lt=1.0)
@@ -95,11 +100,24 @@ class ModelConfig(Section):
             raise ValueError(f"model.cell {name!r}: choose from {', '.join(RNN_CELLS)}")
         return name
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_context_vector(cls, data: Any) -> Any:
+        """An unset context_vector is the mode's classic one (and what model files without the key hold): init's
+        first state is tanh(W h_T), the others' context is h_T."""
+        if isinstance(data, dict) and data.get("context_vector") is None:
+            data = {**data, "context_vector": "last_transform" if data.get("context") == "init" else "last"}
+        return data
+
     @model_validator(mode="after")
     def _combinations(self) -> ModelConfig:
         """Combinations the field types alone cannot reject, all reported together."""
         problems = []
         enc_size = self.encoder_hidden_size * (2 if self.bidirectional else 1)
+        if self.context == "init" and self.context_vector != "last_transform" and enc_size != self.hidden_size:
+            problems.append(f"model.context_vector {self.context_vector} with context init starts the decoder at c "
+                            f"itself: it needs model.hidden_size ({self.hidden_size}) equal to the encoder output "
+                            f"size ({enc_size} = encoder_hidden_size x directions); or use last_transform")
         if self.context == "attention" and self.attention == "luong_dot" and enc_size != self.hidden_size:
             problems.append(f"model.attention luong_dot needs model.hidden_size ({self.hidden_size}) equal to the "
                             f"encoder output size ({enc_size} = encoder_hidden_size x directions); use luong_general "

@@ -5,8 +5,10 @@ import itertools
 import pytest
 import torch
 
-from seqtool.config import ModelConfig
+from seqtool.config import ModelConfig, validate
 from seqtool.data import make_batch
+from seqtool.errors import ConfigError
+from seqtool.model.decoder import pooled
 from seqtool.model.dropout import Dropout
 from seqtool.model.encoder import RNN_CELLS
 from seqtool.model.seq2seq import build_model
@@ -16,6 +18,9 @@ MODES = [("init", "bahdanau", False), ("every_step", "bahdanau", False), ("atten
          ("attention", "luong_dot", False), ("attention", "luong_general", False), ("attention", "luong_general", True),
          ("attention", "luong_concat", True)]
 CASES = list(itertools.product(RNN_CELLS, MODES))  # a new cell is tested in every mode by being in the table
+VECTORS = ["last", "last_transform", "mean", "max"]
+# Every way of forming the context vector c with each use of it (and attention's first state), every cell.
+VECTOR_CASES = list(itertools.product(RNN_CELLS, ["init", "every_step", "attention"], VECTORS))
 
 
 def tiny(cell, context, attention, feed, **kw):
@@ -49,6 +54,80 @@ def test_padding_is_masked(cell, mode):
         one = make_batch([SRC[i]], [TGT[i]])
         alone = model(one.src, one.src_lens, one.tgt_in)
         torch.testing.assert_close(alone[0], batched[i, : one.tgt_in.size(1)], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cell,context,vector", VECTOR_CASES)
+def test_every_context_vector_decodes_as_it_trains_and_ignores_padding(cell, context, vector):
+    model = tiny(cell, context, "bahdanau", False, context_vector=vector)
+    logits = model(BATCH.src, BATCH.src_lens, BATCH.tgt_in)
+    state, steps = model.encode(BATCH.src, BATCH.src_lens), []
+    for t in range(BATCH.tgt_in.size(1)):
+        lp, state, _ = model.step(BATCH.tgt_in[:, t], state)
+        steps.append(lp)
+    torch.testing.assert_close(torch.stack(steps, 1), torch.log_softmax(logits, -1), atol=1e-5, rtol=1e-5)
+    for i in range(3):
+        one = make_batch([SRC[i]], [TGT[i]])
+        alone = model(one.src, one.src_lens, one.tgt_in)
+        torch.testing.assert_close(alone[0], logits[i, : one.tgt_in.size(1)], atol=1e-5, rtol=1e-5)
+
+
+def test_mean_and_max_pool_the_real_states_only():
+    model = tiny("gru", "every_step", "bahdanau", False, context_vector="mean")
+    enc = model.encoder(BATCH.src, BATCH.src_lens)
+    with torch.no_grad():
+        enc.states[~enc.mask] = 1e6  # whatever padding holds, it never counts
+    for i, n in enumerate(BATCH.src_lens.tolist()):
+        real = enc.states[i, :n]
+        torch.testing.assert_close(pooled(enc, "mean")[i], real.mean(0))
+        torch.testing.assert_close(pooled(enc, "max")[i], real.max(0).values)
+    assert torch.equal(pooled(enc, "last"), enc.final)
+    by_hand = torch.tensor([[[1.0, -2.0], [3.0, 0.0], [9.0, 9.0]]])  # the third position is padding
+    enc.states, enc.mask, enc.final = by_hand, torch.tensor([[True, True, False]]), by_hand[:, 1]
+    assert pooled(enc, "mean").tolist() == [[2.0, -1.0]] and pooled(enc, "max").tolist() == [[3.0, 0.0]]
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_init_starts_every_decoder_layer_at_c(cell):
+    for vector in ("last", "mean", "max"):
+        model = tiny(cell, "init", "bahdanau", False, context_vector=vector)
+        assert model.decoder.bridge is None and model.decoder.transform is None  # c itself, nothing learned
+        enc = model.encoder(BATCH.src, BATCH.src_lens)
+        state = model.decoder.init_state(enc)
+        c = pooled(enc, vector)  # type: ignore[arg-type]
+        for layer in state.hidden:
+            torch.testing.assert_close(layer, c)
+        if cell == "lstm":  # the memory cell: h_T's own with last, empty for a pooled c
+            want = enc.final_cell if vector == "last" else torch.zeros_like(c)
+            for layer in state.cell:
+                torch.testing.assert_close(layer, want)
+
+
+def test_every_step_reads_c_at_every_step_and_starts_at_its_bridge():
+    model = tiny("gru", "every_step", "bahdanau", False, context_vector="last_transform")
+    enc = model.encoder(BATCH.src, BATCH.src_lens)
+    state = model.decoder.init_state(enc)
+    c = torch.tanh(model.decoder.transform(enc.final))  # c = tanh(W h_T), Cho et al.'s
+    torch.testing.assert_close(state.context, c)
+    first = torch.tanh(model.decoder.bridge(c)).view(3, 2, 16).transpose(0, 1)  # s_0 = tanh(V c), 2 layers
+    torch.testing.assert_close(state.hidden, first)
+
+
+def test_unset_context_vector_is_each_mode_s_classic_one_with_the_parameters_model_files_had():
+    assert ModelConfig(context="init").context_vector == "last_transform"
+    assert ModelConfig(context="every_step").context_vector == "last"
+    assert ModelConfig().context_vector == "last"  # attention
+    for context in ("init", "every_step", "attention"):
+        names = {n.split(".")[1] for n, _ in tiny("lstm", context, "bahdanau", False).named_parameters()
+                 if n.startswith("decoder.")}
+        assert {"bridge", "cell_bridge"} <= names and "transform" not in names, context
+
+
+def test_init_with_c_itself_needs_the_decoder_size():
+    with pytest.raises(ConfigError, match="model.context_vector mean with context init.*model.hidden_size \\(100\\)"):
+        validate({"model": {"context": "init", "context_vector": "mean", "hidden_size": 100}})
+    with pytest.raises(ConfigError, match="model.context_vector"):
+        validate({"model": {"context_vector": "first"}})
+    validate({"model": {"context": "every_step", "context_vector": "mean", "hidden_size": 100}})
 
 
 def test_gradients_reach_every_parameter():

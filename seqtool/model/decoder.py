@@ -1,14 +1,18 @@
 """Target ids -> output features, with the source reaching the decoder in one of three ways.
 
-- init: the encoder's final state, through a bridge, is the decoder's initial state only.
-- every_step: that fixed context also enters every decoder step and the output layer (Cho et al.).
+- init: the context vector c is the decoder's initial state only (Sutskever et al.).
+- every_step: c also enters every decoder step and the output layer; the first state is tanh(V c) (Cho et al.).
 - attention: a context recomputed each step from all encoder states; `bahdanau` queries with the
   previous state and feeds the context into the RNN, `luong_*` queries with the current state and
-  may feed the attentional vector to the next step (input feeding).
+  may feed the attentional vector to the next step (input feeding). The first state is tanh(V c).
 Each is a `Mode` in MODES: what its steps' RNN input and its output layer read, and where its context
 comes from; the decoder's code is the same for all. Modes without a step-to-step dependency outside the
 RNN run over the whole target in one call; `bahdanau` loops over attention and the RNN only, and computes
 every step's output features at once; input feeding runs step by step.
+
+c is formed from the encoder states h_1..h_T in one of four ways (`model.context_vector`; the tutorials'
+c = h_T, c = g(h_T), c = g(h_1, ..., h_T)): `last` (h_T), `last_transform` (tanh(W h_T)), `mean` or `max`
+(over the real tokens).
 """
 
 from __future__ import annotations
@@ -23,6 +27,19 @@ from seqtool.model.attention import Attention
 from seqtool.model.dropout import Dropout
 from seqtool.model.encoder import EncoderOutput, make_rnn
 
+ContextVector = Literal["last", "last_transform", "mean", "max"]
+
+
+def pooled(enc: EncoderOutput, how: ContextVector) -> torch.Tensor:
+    """The encoder's states -> one vector a sentence (B, K): the last state h_T (both directions' last), or the
+    mean or the max over the real tokens' states (padding never counts)."""
+    if how == "mean":
+        real = enc.mask.unsqueeze(-1).to(enc.states.dtype)
+        return (enc.states * real).sum(1) / real.sum(1)
+    if how == "max":
+        return enc.states.masked_fill(~enc.mask.unsqueeze(-1), float("-inf")).amax(1)
+    return enc.final
+
 
 @dataclass
 class DecoderState:
@@ -32,7 +49,7 @@ class DecoderState:
     hidden: torch.Tensor  # (L, B * group, H)
     cell: Optional[torch.Tensor]  # (L, B * group, H) for LSTM
     feed: Optional[torch.Tensor]  # (B * group, O) previous attentional vector (input feeding)
-    context: torch.Tensor  # (B, K) fixed context (every_step), unused with attention
+    context: torch.Tensor  # (B, K) the context vector c (every_step reads it), unused with attention
     states: torch.Tensor  # (B, S, K) encoder states
     keys: Optional[torch.Tensor]  # (B, S, *) attention keys, projected once
     mask: torch.Tensor  # (B, S)
@@ -105,7 +122,7 @@ def mode_of(context: str, attention: str, input_feeding: bool) -> Mode:
 
 class Decoder(nn.Module):
     def __init__(self, embed: nn.Embedding, cell: str, hidden_size: int, layers: int, enc_size: int, mode: Mode,
-                 output_size: int, dropout: float):
+                 output_size: int, dropout: float, context_vector: ContextVector = "last"):
         super().__init__()
         self.embed = embed
         self.mode = mode
@@ -115,8 +132,16 @@ class Decoder(nn.Module):
         self.input_feeding = "feed" in mode.rnn_reads
         sizes = {"emb": embed.embedding_dim, "ctx": enc_size, "out": hidden_size, "feed": output_size}
 
-        self.bridge = nn.Linear(enc_size, layers * hidden_size)
-        self.cell_bridge = nn.Linear(enc_size, layers * hidden_size) if cell == "lstm" else None
+        self.context_vector = context_vector
+        # init with last_transform: c = tanh(W h_T) is the first state itself, so W is the bridge (as model files
+        # before context_vector have it); init with another c starts at c (ModelConfig checks the sizes).
+        init = mode.context == "none"
+        self.starts_at_c = init and context_vector != "last_transform"
+        self.transform = nn.Linear(enc_size, enc_size) if context_vector == "last_transform" and not init else None
+        self.bridge = None if self.starts_at_c else nn.Linear(enc_size, layers * hidden_size)
+        lstm_bridge = cell == "lstm" and self.bridge is not None
+        self.cell_bridge = nn.Linear(enc_size, layers * hidden_size) if lstm_bridge else None
+        self.lstm = cell == "lstm"
         self.rnn = make_rnn(cell, sum(sizes[x] for x in mode.rnn_reads), hidden_size, layers, dropout)
         if mode.score is not None:
             self.attention = Attention(mode.score, hidden_size, enc_size)
@@ -127,14 +152,30 @@ class Decoder(nn.Module):
 
     def init_state(self, enc: EncoderOutput) -> DecoderState:
         B = enc.final.size(0)
-        hidden = torch.tanh(self.bridge(enc.final)).view(B, self.layers, self.hidden_size).transpose(0, 1).contiguous()
-        cell = None
-        if self.cell_bridge is not None:
-            cell = (torch.tanh(self.cell_bridge(enc.final_cell)).view(B, self.layers, self.hidden_size)
-                    .transpose(0, 1).contiguous())
+        c = pooled(enc, self.context_vector)
+        if self.transform is not None:
+            c = torch.tanh(self.transform(c))
+        cell: Optional[torch.Tensor] = None
+        if self.bridge is None:  # every layer starts at c; an LSTM's memory at h_T's cell (last) or empty
+            hidden = self._per_layer(c)
+            if self.lstm:
+                assert enc.final_cell is not None  # an LSTM encoder keeps its cell
+                cell = self._per_layer(enc.final_cell if self.context_vector == "last" else torch.zeros_like(c))
+        else:
+            hidden = self._split_layers(torch.tanh(self.bridge(c)))
+            if self.cell_bridge is not None:
+                cell = self._split_layers(torch.tanh(self.cell_bridge(enc.final_cell)))
         feed = enc.final.new_zeros(B, self.output_size) if self.input_feeding else None
         keys = self.attention.keys(enc.states) if self.mode.score is not None else None
-        return DecoderState(hidden, cell, feed, enc.final, enc.states, keys, enc.mask)
+        return DecoderState(hidden, cell, feed, c, enc.states, keys, enc.mask)
+
+    def _split_layers(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, layers * H) -> (layers, B, H)."""
+        return x.view(x.size(0), self.layers, self.hidden_size).transpose(0, 1).contiguous()
+
+    def _per_layer(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H) -> (layers, B, H), the same for every layer."""
+        return x.unsqueeze(0).expand(self.layers, -1, -1).contiguous()
 
     def _run_rnn(self, x: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
         h0 = state.hidden if state.cell is None else (state.hidden, state.cell)
