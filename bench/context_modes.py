@@ -1,67 +1,135 @@
-"""Does every context mode train? One short Multi30k de-en run per (init, every_step, attention) x (GRU, LSTM).
+"""The seeds' lessons on real data: how the context vector is formed and used, the cells, depth and direction.
 
-Each run trains configs/multi30k_deen.yaml with the mode and cell swapped in for MINUTES, then
-scores test2016 greedy and beam 5. Prints a markdown table (the one in docs/context_modes.md).
+Trains configs/multi30k_deen.yaml (de->en) at an equal budget of MINUTES a run, each with one thing changed:
 
-    python bench/context_modes.py --minutes 2.5      # about 20 minutes for the six runs
+- the three uses of the source with a GRU: init (Sutskever et al.), every_step (Cho et al.), attention;
+- init and every_step with each way of forming c: last (h_T), last_transform (tanh(W h_T)), mean, max;
+- the three cells (Elman, GRU, LSTM) with attention and with every_step;
+- the attention GRU with 2 layers, and with a unidirectional encoder.
+
+Then decodes test2016 with beam 5 and scores it with sacreBLEU, cased and lowercased (the closer match to the
+tutorials' lowercased tokenized BLEU), and draws dev BLEU against minutes. Prints the markdown tables of
+docs/context_modes.md. `--parallel 2` trains two runs side by side, each on one core with one thread
+(bench/jobs.py), so each run has the same share of the machine at half the wall time.
+
+    python bench/context_modes.py --minutes 10 --parallel 2 --plot docs/img/context_modes.png   # ~90 minutes
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import sacrebleu
+from jobs import ROOT, Run, seqtool, train_all
 
 from seqtool.checkpoint import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "multi30k"
-MODES = [("init", "bahdanau"), ("every_step", "bahdanau"), ("attention", "bahdanau")]
+CELLS = {"rnn": "Elman", "gru": "GRU", "lstm": "LSTM"}
 
 
-def seqtool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "seqtool", *args], cwd=ROOT, capture_output=True, text=True,
-                          check=True)
+def run(name: str, **model: object) -> Run:
+    return Run(name, tuple(f"model.{key}={value}" for key, value in model.items()))
 
 
-def bleu_of(model_dir: Path, beam: int) -> float:
-    hyps = seqtool("translate", "-m", str(model_dir), str(DATA / "test2016.de"), "--beam", str(beam),
-                   "-q").stdout.splitlines()
-    refs = (DATA / "test2016.en").read_text(encoding="utf-8").splitlines()
-    return round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2)
+def runs() -> dict[str, tuple[Run, ...]]:
+    """The tables, each a tuple of runs; a run in several tables is trained once. A run without a context_vector
+    has its mode's classic one: last_transform for init, last otherwise."""
+    gru = {ctx: run(f"gru-{ctx}", cell="gru", context=ctx) for ctx in ("init", "every_step", "attention")}
+    return {
+        "How the source reaches the decoder (GRU; each mode's classic c)": tuple(gru.values()),
+        "How c is formed (GRU)": tuple(
+            gru[ctx] if vector == classic else run(f"gru-{ctx}-{vector}", cell="gru", context=ctx,
+                                                   context_vector=vector)
+            for ctx, classic in (("init", "last_transform"), ("every_step", "last"))
+            for vector in ("last", "last_transform", "mean", "max")),
+        "The cells": tuple(gru[ctx] if cell == "gru" else run(f"{cell}-{ctx}", cell=cell, context=ctx)
+                           for cell in CELLS for ctx in ("every_step", "attention")),
+        "Depth and direction (GRU, attention)": (
+            gru["attention"],
+            run("gru-attention-2layers", cell="gru", context="attention", encoder_layers=2, decoder_layers=2),
+            run("gru-attention-unidirectional", cell="gru", context="attention", bidirectional="false")),
+    }
+
+
+def score(run: Run, model_dir: Path, cores: list[int]) -> None:
+    """test2016 at beam 5: sacreBLEU cased and lowercased."""
+    if (model_dir / "test.json").exists():
+        return
+    hyps = seqtool(["translate", "-m", str(model_dir), str(DATA / "test2016.de"), "--beam", "5", "-q"],
+                   cores).stdout.splitlines()
+    refs = [(DATA / "test2016.en").read_text(encoding="utf-8").splitlines()]
+    result = {"bleu": round(sacrebleu.corpus_bleu(hyps, refs).score, 2),
+              "bleu_lc": round(sacrebleu.corpus_bleu(hyps, refs, lowercase=True).score, 2)}
+    (model_dir / "test.json").write_text(json.dumps(result))
+
+
+def row(run: Run, out: Path) -> str:
+    model_dir = out / run.name
+    records = [json.loads(x) for x in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    test = json.loads((model_dir / "test.json").read_text())
+    bundle = load_model(model_dir)
+    m = bundle.config.model
+    what = (f"{CELLS[m.cell]} {m.context}" + (f" ({m.attention})" if m.context == "attention" else f", c = "
+            f"{m.context_vector}") + f", {m.encoder_layers}+{m.decoder_layers} layers"
+            + ("" if m.bidirectional else ", unidirectional encoder"))
+    best = max(r.get("valid_bleu", 0.0) for r in records)
+    params = sum(p.numel() for p in bundle.model.parameters())
+    return (f"| {what} | {params / 1e6:.1f}M | {records[-1]['step']:,} | {best:.2f} | {test['bleu']:.2f} | "
+            f"{test['bleu_lc']:.2f} |")
+
+
+def draw(out: Path, tables: dict[str, tuple[Run, ...]], run_dir: Path, minutes: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True, sharey=True)
+    for ax, (title, table) in zip(axes.flat, tables.items()):
+        for index, run in enumerate(table):
+            records = [json.loads(x) for x in (run_dir / run.name / "metrics.jsonl").read_text().splitlines()]
+            points = [(r["time_s"] / 60, r["valid_bleu"]) for r in records if "valid_bleu" in r]
+            ax.plot(*zip(*points), marker="o", markersize=3, color=f"C{index}", label=run.name)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("minutes of training")
+        ax.set_ylabel("dev BLEU (greedy)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes.flat[len(tables):]:
+        ax.set_visible(False)
+    fig.suptitle(f"Multi30k de-en, {minutes:g} minutes a run")
+    fig.savefig(out, dpi=100)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=3)
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_context_modes")
-    ap.add_argument("--cells", default="gru,lstm")
+    ap.add_argument("--minutes", type=float, default=10)
+    ap.add_argument("--parallel", type=int, default=1, help="runs side by side, each on its own cores")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_context_modes" / time.strftime("%Y%m%d-%H%M%S"))
+    ap.add_argument("--valid-every", type=int, default=150, help="steps between dev BLEU points of the plot")
+    ap.add_argument("--plot", type=Path, help="the PNG to draw (default OUT/context_modes.png)")
+    ap.add_argument("--only", help="comma-separated run names: those runs and the tables holding them (a check)")
     args = ap.parse_args()
-    out = args.out / time.strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True)
-    rows = ["| cell | context | attention | params | steps | valid BLEU (greedy) | test2016 BLEU greedy | beam 5 |",
-            "|---|---|---|---:|---:|---:|---:|---:|"]
-    for cell in args.cells.split(","):
-        for context, attention in MODES:
-            model_dir = out / f"{cell}-{context}-{attention}"
-            seqtool("train", "-c", "configs/multi30k_deen.yaml", "-q", "--set", f"training.model_dir={model_dir}",
-                    "--set", f"training.max_minutes={args.minutes}", "--set", f"model.cell={cell}",
-                    "--set", f"model.context={context}", "--set", f"model.attention={attention}",
-                    "--set", "training.valid_every=100000")
-            metrics = [json.loads(x) for x in (model_dir / "metrics.jsonl").read_text().splitlines()]
-            info = metrics[-1]
-            params = f"{load_model(model_dir).info['params']:,}"
-            row = (f"| {cell} | {context} | {attention if context == 'attention' else '-'} | {params} | "
-                   f"{info['step']} | {info.get('valid_bleu')} | {bleu_of(model_dir, 1)} | {bleu_of(model_dir, 5)} |")
-            rows.append(row)
-            print(row, file=sys.stderr, flush=True)
-    print(f"Multi30k de-en, {args.minutes:g} min training per run; {out}\n")
-    print("\n".join(rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    tables = runs()
+    if args.only:
+        keep = set(args.only.split(","))
+        tables = {title: kept for title, table in tables.items() if (kept := tuple(r for r in table if r.name in keep))}
+    unique = list({run.name: run for table in tables.values() for run in table}.values())
+    # Dev BLEU on 500 lines every --valid-every steps for the curves; the same for every run.
+    common = ("training.valid_max_sentences=500", f"training.valid_every={args.valid_every}")
+    unique = [Run(run.name, run.sets + common) for run in unique]
+    train_all(unique, "configs/multi30k_deen.yaml", args.out, args.minutes, args.parallel, then=score)
+    draw(args.plot or args.out / "context_modes.png", tables, args.out, args.minutes)
+    print(f"Multi30k de-en, {args.minutes:g} min a run, {args.parallel} side by side; {args.out}")
+    for title, table in tables.items():
+        print(f"\n### {title}\n\n| model | params | steps | best dev BLEU (greedy) | test2016 BLEU (beam 5) | "
+              "lowercased |\n|---|---:|---:|---:|---:|---:|")
+        print("\n".join(row(run, args.out) for run in table))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,105 @@
+"""Gradients you can watch: an Elman RNN, a GRU and an LSTM on the long-dependency task, with and without clipping.
+
+Trains configs/long_reverse.yaml (reverse a line of up to 100 symbols, no attention: sample_data/long/) with
+each cell, clipping off (training.clip_grad_norm 0) and at 1.0, for MINUTES each; decodes the test lines;
+prints a markdown table (steps, dev loss, test BLEU, how many leading symbols come out right, the gradient
+norm before clipping: median and largest, the share of steps clipped) and draws the gradient norms and dev
+losses against steps to a PNG.
+
+    python bench/gradients.py --minutes 3 --parallel 2 --plot docs/img/long_gradients.png   # about 10 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import sacrebleu
+from jobs import ROOT, Run, seqtool, train_all
+
+DATA = ROOT / "sample_data" / "long"
+CELLS = {"rnn": "Elman", "gru": "GRU", "lstm": "LSTM"}
+CLIPS = (0.0, 1.0)
+
+
+def leading_right(hyp: str, ref: str) -> int:
+    """How many symbols from the start of the output are right."""
+    n = 0
+    for h, r in zip(hyp.split(), ref.split()):
+        if h != r:
+            break
+        n += 1
+    return n
+
+
+def score(run: Run, model_dir: Path, cores: list[int]) -> None:
+    hyps = seqtool(["translate", "-m", str(model_dir), str(DATA / "test.src"), "-q"], cores).stdout.splitlines()
+    refs = (DATA / "test.tgt").read_text(encoding="utf-8").splitlines()
+    result = {"bleu": round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2),
+              "leading_right": round(statistics.mean(leading_right(h, r) for h, r in zip(hyps, refs)), 2),
+              "ref_len": round(statistics.mean(len(r.split()) for r in refs), 1)}
+    (model_dir / "test.json").write_text(json.dumps(result))
+
+
+def draw(out: Path, runs: dict[str, list[dict]], minutes: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True, sharex=True)
+    for row, clip in enumerate(CLIPS):
+        for index, (cell, title) in enumerate(CELLS.items()):
+            records = runs[f"{cell}-clip{clip:g}"]
+            steps = [r["step"] for r in records]
+            axes[row, 0].plot(steps, [r["train_grad_norm"] for r in records], color=f"C{index}", label=f"{title} mean")
+            axes[row, 0].plot(steps, [r["train_grad_norm_max"] for r in records], color=f"C{index}", linestyle="--",
+                              label=f"{title} largest")
+            axes[row, 1].plot(steps, [r["valid_loss"] for r in records], color=f"C{index}", label=title)
+        clipping = "clipping off" if clip == 0 else f"clipped at {clip:g}"
+        axes[row, 0].set_title(f"gradient norm before clipping, {clipping}")
+        axes[row, 0].set_yscale("log")
+        axes[row, 1].set_title(f"dev loss (per token), {clipping}")
+        for ax in axes[row]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    fig.suptitle(f"Reversing up to 100 symbols without attention, {minutes:g} minutes a run")
+    fig.savefig(out, dpi=100)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=3)
+    ap.add_argument("--parallel", type=int, default=1, help="runs side by side, each on its own cores")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_gradients" / time.strftime("%Y%m%d-%H%M%S"))
+    ap.add_argument("--plot", type=Path, help="the PNG to draw (default OUT/gradients.png)")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = [Run(f"{cell}-clip{clip:g}", (f"model.cell={cell}", f"training.clip_grad_norm={clip:g}"))
+            for cell in CELLS for clip in CLIPS]
+    train_all(runs, "configs/long_reverse.yaml", args.out, args.minutes, args.parallel, then=score)
+    rows = ["| cell | clipping | steps | dev loss | test BLEU | leading symbols right | grad norm median | "
+            "grad norm largest | steps clipped |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    histories = {}
+    for run in runs:
+        records = [json.loads(x) for x in (args.out / run.name / "metrics.jsonl").read_text().splitlines()]
+        histories[run.name] = records
+        test = json.loads((args.out / run.name / "test.json").read_text())
+        cell, clip = run.name.split("-clip")
+        clipped = statistics.mean(r["train_clipped"] for r in records)
+        rows.append(f"| {CELLS[cell]} | {'off' if clip == '0' else clip} | {records[-1]['step']:,} | "
+                    f"{records[-1]['valid_loss']:.3f} | {test['bleu']} | {test['leading_right']} of "
+                    f"{test['ref_len']} | {statistics.median(r['train_grad_norm'] for r in records):.2f} | "
+                    f"{max(r['train_grad_norm_max'] for r in records):,.1f} | {clipped:.0%} |")
+    draw(args.plot or args.out / "gradients.png", histories, args.minutes)
+    print(f"configs/long_reverse.yaml, {args.minutes:g} min a run, {args.parallel} side by side; {args.out}\n")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Training runs of a benchmark, one at a time or several side by side, each pinned to its own cores.
+
+A run is a `seqtool train` with config overrides. Side by side (`parallel` > 1) each run gets
+`cores // parallel` cores (taskset) and as many torch threads, so every run of the benchmark has the same
+share of the machine and their budgets in minutes stay comparable; one at a time, a run has every core.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    sets: tuple[str, ...]  # KEY=VALUE config overrides
+
+
+def cores_of(slot: int, parallel: int) -> list[int]:
+    """The cores a run in `slot` (0 .. parallel-1) may use."""
+    cores = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cores) // parallel)
+    return cores[slot * per:(slot + 1) * per]
+
+
+def pinned(cmd: Sequence[str], cores: list[int]) -> tuple[list[str], dict[str, str]]:
+    """`cmd` restricted to `cores`, with torch's thread count to match."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(len(cores))}
+    return ["taskset", "-c", ",".join(map(str, cores)), *cmd], env
+
+
+def seqtool(args: Sequence[str], cores: list[int], log: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m seqtool ARGS` on `cores`; stderr to `log` when given. Raises on failure."""
+    cmd, env = pinned([sys.executable, "-m", "seqtool", *args], cores)
+    with open(log, "w") if log else open(os.devnull, "w") as err:
+        return subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True, check=True)
+
+
+def train_all(runs: Sequence[Run], config: str, out: Path, minutes: float, parallel: int,
+              then: Callable[[Run, Path, list[int]], None] | None = None) -> None:
+    """Train every run for `minutes` into OUT/NAME (a run already finished there is kept), `parallel` at a
+    time, each on its own cores; `then(run, model_dir, cores)` follows each run's training on the same cores
+    (decoding, scoring)."""
+    free: queue.Queue[list[int]] = queue.Queue()  # core sets not in use: a run takes one and gives it back
+    for slot in range(parallel):
+        free.put(cores_of(slot, parallel))
+
+    def one(run: Run) -> None:
+        cores = free.get()
+        try:
+            model_dir = out / run.name
+            if not (model_dir / "done").exists():
+                sets = [*run.sets, f"training.model_dir={model_dir}", f"training.max_minutes={minutes}",
+                        f"training.threads={len(cores)}"]
+                seqtool(["train", "-c", config, "-q", *(a for kv in sets for a in ("--set", kv))], cores,
+                        out / f"{run.name}.log")
+                (model_dir / "done").touch()
+            if then is not None:
+                then(run, model_dir, cores)
+            print(f"{run.name} done", file=sys.stderr, flush=True)
+        finally:
+            free.put(cores)
+
+    with ThreadPoolExecutor(parallel) as pool:
+        for future in [pool.submit(one, run) for run in runs]:
+            future.result()
