@@ -37,10 +37,11 @@ MEASURE = PEERS / "lib" / "measure.py"
 
 
 def measure(cmd: list[str], report: Path, budget: float = 0, stdout: Path | None = None,
-            stderr: Path | None = None, cwd: Path = ROOT) -> dict:
+            stderr: Path | None = None, cwd: Path = ROOT, grace: float = 120) -> dict:
     """Run through the peers' own measure.py, so both sides are timed the same way (in `cwd`: `python -m
-    seqtool` there runs that tree's seqtool)."""
-    m = [sys.executable, str(MEASURE), "--report", str(report), "--budget", str(budget), "--grace", "120"]
+    seqtool` there runs that tree's seqtool). After `budget` seconds (0: none) the command gets SIGINT, and
+    SIGKILL `grace` seconds later."""
+    m = [sys.executable, str(MEASURE), "--report", str(report), "--budget", str(budget), "--grace", str(grace)]
     if stdout:
         m += ["--stdout", str(stdout)]
     if stderr:
@@ -49,14 +50,18 @@ def measure(cmd: list[str], report: Path, budget: float = 0, stdout: Path | None
     return json.loads(report.read_text())
 
 
-def seqtool_train(out: Path, minutes: float, run: str = "fp32", sets: tuple[str, ...] = ()) -> dict:
-    """Train the Multi30k config with `sets` (KEY=VALUE overrides) into OUT/seqtool-RUN."""
+def seqtool_train(out: Path, minutes: float, run: str = "fp32", sets: tuple[str, ...] = (), tree: Path = ROOT,
+                  limit_s: float = 0) -> dict:
+    """Train the Multi30k config with `sets` (KEY=VALUE overrides) into OUT/seqtool-RUN, with the seqtool of `tree`;
+    `limit_s`: SIGINT (seqtool saves and stops) after that many seconds, SIGKILL 20 s later (default: MINUTES
+    and 10 more, 2 minutes' grace)."""
     model_dir = out / f"seqtool-{run}"
     cmd = [sys.executable, "-m", "seqtool", "train", "-c", "configs/multi30k_deen.yaml",
            "--set", f"training.model_dir={model_dir}", "--set", f"training.max_minutes={minutes}"]
     cmd += [arg for kv in sets for arg in ("--set", kv)]
     load0 = os.getloadavg()[0]
-    rep = measure(cmd, out / f"train_{run}_measure.json", budget=minutes * 60 + 600, stderr=out / f"train_{run}.log")
+    rep = measure(cmd, out / f"train_{run}_measure.json", budget=limit_s or minutes * 60 + 600,
+                  stderr=out / f"train_{run}.log", cwd=tree, grace=20 if limit_s else 120)
     metrics = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     # Steady state: the windows between validations after the first (warm-up), weighted by their
     # length; a short last window (the final validation right after the time limit) is left out.
@@ -91,14 +96,15 @@ DECODED = tuple(filter(runnable, ("fp32", "fast", "fast-bf16")))
 
 
 def seqtool_decode(out: Path, model_dir: str, beam: int, extra: tuple[str, ...] = (), label: str = "",
-                   tree: Path = ROOT) -> dict:
+                   tree: Path = ROOT, limit_s: float = 0) -> dict:
     """Decode test2016 at batch 64 (`extra`: more translate flags, `label` names their files) with the seqtool
-    of `tree` (this one, or a worktree of another revision)."""
+    of `tree` (this one, or a worktree of another revision); `limit_s`: stopped after that many seconds."""
     name = f"{Path(model_dir).name}.b{beam}{label}"
     hyp = out / f"test2016.{name}.en"
     cmd = [sys.executable, "-m", "seqtool", "translate", "-m", model_dir, str(DATA / "test2016.de"),
            "-o", str(hyp), "--beam", str(beam), "--batch-size", "64", *extra]
-    rep = measure(cmd, out / f"decode_{name}.json", stderr=out / f"decode_{name}.log", cwd=tree)
+    rep = measure(cmd, out / f"decode_{name}.json", budget=limit_s, stderr=out / f"decode_{name}.log", cwd=tree,
+                  grace=10 if limit_s else 120)
     log = (out / f"decode_{name}.log").read_text()
     tool_s = float(re.findall(r"translated \d+ lines in ([\d.]+) s", log)[-1])
     hyps = hyp.read_text(encoding="utf-8").splitlines()

@@ -66,6 +66,16 @@ def addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
+def trainer_batches(bundle, pairs: int, count: int) -> list:
+    """The first `count` batches the trainer makes (its token budget, seed 0) from the first `pairs` training pairs."""
+    cfg = bundle.config
+    src, tgt = read_pairs(cfg.data.train_src, cfg.data.train_tgt)
+    examples = encode_pairs(src[:pairs], tgt[:pairs], bundle.src_tok, bundle.tgt_tok, cfg.data.max_src_len,
+                            cfg.data.max_tgt_len)
+    parts = [examples.subset(idx) for idx in epoch_batches(examples, cfg.training.batch_tokens, seed=0)[:count]]
+    return [make_batch(part.src, part.tgt) for part in parts]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", type=Path)
@@ -76,11 +86,7 @@ def main() -> None:
 
     bundle = load_model(args.model_dir)
     cfg, model = bundle.config, bundle.model.train()
-    src, tgt = read_pairs(cfg.data.train_src, cfg.data.train_tgt)
-    examples = encode_pairs(src[: args.pairs], tgt[: args.pairs], bundle.src_tok, bundle.tgt_tok,
-                            cfg.data.max_src_len, cfg.data.max_tgt_len)
-    parts = [examples.subset(idx) for idx in epoch_batches(examples, cfg.training.batch_tokens, seed=0)[: args.batches]]
-    batches = [make_batch(part.src, part.tgt) for part in parts]
+    batches = trainer_batches(bundle, args.pairs, args.batches)
     sents, tokens = sum(b.size for b in batches), sum(b.n_tgt_tokens for b in batches)
     optimizer = make_optimizer(model, cfg.training.lr)
 
