@@ -235,7 +235,7 @@ def model_card(bundle: ModelBundle, path: Path) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "architecture": f"{m.cell} encoder {m.encoder_layers}x{m.encoder_hidden_size}"
         f"{' bidirectional' if m.bidirectional else ''}, decoder {m.decoder_layers}x{m.hidden_size}, "
-        f"context {m.context}{attention}, c = {m.context_vector}",
+        f"context {m.context}{attention}, c = {m.c_form}",
         "parameters": sum(p.numel() for p in bundle.model.parameters()),
         "vocab": {"src": bundle.src_tok.vocab_size, "tgt": bundle.tgt_tok.vocab_size,
                   "tokenizer": bundle.config.tokenizer.type, "joint": bundle.src_tok is bundle.tgt_tok,

@@ -18,6 +18,7 @@ from seqtool.errors import ConfigError
 from seqtool.metrics import METRICS
 
 DEVICE = r"^(auto|cpu|cuda(:\d+)?)$"
+ContextVector = Literal["last", "last_transform", "mean", "max"]  # model.context_vector: how c is formed
 SHORTLIST_TABLE = 100  # associated target tokens a model file keeps per source token (decoding.shortlist's most)
 
 
@@ -74,11 +75,11 @@ class ModelConfig(Section):
     hidden_size: int = Field(default=512, gt=0, le=65536)
     decoder_layers: int = Field(default=1, gt=0, le=16)
     context: Literal["init", "every_step", "attention"] = "attention"
-    context_vector: Optional[Literal["last", "last_transform", "mean", "max"]] = Field(
+    context_vector: Optional[ContextVector] = Field(
         default=None, description="how the context vector c is formed from the encoder states h_1..h_T: last "
         "(c = h_T), last_transform (c = tanh(W h_T)), mean or max (pooled over the real tokens); init starts the "
         "decoder at c, every_step also reads c at every step (and starts at tanh(V c)), attention starts at tanh(V "
-        "c). Default: last_transform for init, last otherwise")
+        "c). Unset: the mode's classic c (see c_form)")
     attention: Literal["bahdanau", "luong_dot", "luong_general", "luong_concat"] = "bahdanau"
     input_feeding: bool = False
     dropout: float = Field(default=0.3, ge=0.0, lt=1.0)
@@ -100,22 +101,22 @@ class ModelConfig(Section):
             raise ValueError(f"model.cell {name!r}: choose from {', '.join(RNN_CELLS)}")
         return name
 
-    @model_validator(mode="before")
-    @classmethod
-    def _mode_context_vector(cls, data: Any) -> Any:
-        """An unset context_vector is the mode's classic one (and what model files without the key hold): init's
-        first state is tanh(W h_T), the others' context is h_T."""
-        if isinstance(data, dict) and data.get("context_vector") is None:
-            data = {**data, "context_vector": "last_transform" if data.get("context") == "init" else "last"}
-        return data
+    @property
+    def c_form(self) -> ContextVector:
+        """How c is formed: context_vector, or where it is unset the mode's classic c, which model files from before
+        the key hold: init's first state is tanh(W h_T), the other modes' c is h_T. Resolved here, not stored, so a
+        saved config.yaml reused with another model.context gets that mode's classic c."""
+        if self.context_vector is not None:
+            return self.context_vector
+        return "last_transform" if self.context == "init" else "last"
 
     @model_validator(mode="after")
     def _combinations(self) -> ModelConfig:
         """Combinations the field types alone cannot reject, all reported together."""
         problems = []
         enc_size = self.encoder_hidden_size * (2 if self.bidirectional else 1)
-        if self.context == "init" and self.context_vector != "last_transform" and enc_size != self.hidden_size:
-            problems.append(f"model.context_vector {self.context_vector} with context init starts the decoder at c "
+        if self.context == "init" and self.c_form != "last_transform" and enc_size != self.hidden_size:
+            problems.append(f"model.context_vector {self.c_form} with context init starts the decoder at c "
                             f"itself: it needs model.hidden_size ({self.hidden_size}) equal to the encoder output "
                             f"size ({enc_size} = encoder_hidden_size x directions); or use last_transform")
         if self.context == "attention" and self.attention == "luong_dot" and enc_size != self.hidden_size:

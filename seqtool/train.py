@@ -588,7 +588,7 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
                              cfg.data.truncate_src)
     main_does(lambda: atomic_write(model_dir / "config.yaml", dump_config(cfg).encode("utf-8")), ranks)
     params = sum(t.numel() for t in bundle.model.parameters())
-    reporter.log(f"model: {cfg.model.cell} {cfg.model.context} (c = {cfg.model.context_vector}), {params:,} "
+    reporter.log(f"model: {cfg.model.cell} {cfg.model.context} (c = {cfg.model.c_form}), {params:,} "
                  f"parameters, vocab {bundle.src_tok.vocab_size}/{bundle.tgt_tok.vocab_size}")
     trainer = Trainer(cfg, bundle, train, valid, valid_src, valid_ref, reporter, progress, ranks, precision)
     if resume:

@@ -146,6 +146,30 @@ def test_a_model_saved_with_nbest_above_its_beam_still_loads_as_before(bundle, t
     assert load_model(path).config.decoding.nbest == 1
 
 
+@pytest.mark.parametrize("context", ["init", "every_step", "attention"])
+def test_model_files_from_before_context_vector_load_and_decode_as_they_did(bundle, tmp_path, context):
+    """A file whose config has no model.context_vector (seqtool before 2026-12-04) loads with its mode's classic c
+    and gives the outputs it gave."""
+    cfg = bundle.config.model_copy(update={"model": bundle.config.model.model_copy(update={"context": context})})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, bundle.src_tok.vocab_size, bundle.tgt_tok.vocab_size).eval()
+    old = ModelBundle(model, cfg, bundle.src_tok, bundle.tgt_tok, {"step": 3})
+    path = tmp_path / "old.safetensors"
+    save_model(path, old)
+
+    def without_key(meta):
+        config = json.loads(meta["config"])
+        del config["model"]["context_vector"]
+        meta["config"] = json.dumps(config)
+
+    _resaved(path, without_key)
+    loaded = load_model(path).model.eval()
+    src, lens = torch.tensor([[5, 6, 7, 2], [8, 9, 2, 0]]), torch.tensor([4, 3])
+    tgt = torch.tensor([[1, 5, 6], [1, 7, 0]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(src, lens, tgt), model(src, lens, tgt), rtol=0, atol=0)
+
+
 def test_damaged_training_states_are_one_error(tmp_path):
     """Names, scaler states and generator states a damaged file may hold, each refused by load_state."""
     from conftest import tiny_config

@@ -23,11 +23,10 @@ from typing import Literal, Optional, cast
 import torch
 from torch import nn
 
+from seqtool.config import ContextVector
 from seqtool.model.attention import Attention
 from seqtool.model.dropout import Dropout
 from seqtool.model.encoder import EncoderOutput, make_rnn
-
-ContextVector = Literal["last", "last_transform", "mean", "max"]
 
 
 def pooled(enc: EncoderOutput, how: ContextVector) -> torch.Tensor:
@@ -122,7 +121,7 @@ def mode_of(context: str, attention: str, input_feeding: bool) -> Mode:
 
 class Decoder(nn.Module):
     def __init__(self, embed: nn.Embedding, cell: str, hidden_size: int, layers: int, enc_size: int, mode: Mode,
-                 output_size: int, dropout: float, context_vector: ContextVector = "last"):
+                 output_size: int, dropout: float, context_vector: ContextVector):
         super().__init__()
         self.embed = embed
         self.mode = mode
@@ -136,9 +135,9 @@ class Decoder(nn.Module):
         # init with last_transform: c = tanh(W h_T) is the first state itself, so W is the bridge (as model files
         # before context_vector have it); init with another c starts at c (ModelConfig checks the sizes).
         init = mode.context == "none"
-        self.starts_at_c = init and context_vector != "last_transform"
+        starts_at_c = init and context_vector != "last_transform"
         self.transform = nn.Linear(enc_size, enc_size) if context_vector == "last_transform" and not init else None
-        self.bridge = None if self.starts_at_c else nn.Linear(enc_size, layers * hidden_size)
+        self.bridge = None if starts_at_c else nn.Linear(enc_size, layers * hidden_size)
         lstm_bridge = cell == "lstm" and self.bridge is not None
         self.cell_bridge = nn.Linear(enc_size, layers * hidden_size) if lstm_bridge else None
         self.lstm = cell == "lstm"

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Optional, cast
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from seqtool.config import ModelConfig
-from seqtool.model.decoder import ContextVector, Decoder, DecoderState, mode_of
+from seqtool.model.decoder import Decoder, DecoderState, mode_of
 from seqtool.model.encoder import Encoder
 from seqtool.model.loss import linear_cross_entropy
 from seqtool.tokenizer import PAD
@@ -28,7 +28,7 @@ class Seq2Seq(nn.Module):
         tgt_embed = nn.Embedding(tgt_vocab, cfg.embedding_size, padding_idx=PAD)
         self.decoder = Decoder(tgt_embed, cfg.cell, cfg.hidden_size, cfg.decoder_layers, self.encoder.output_size,
                                mode_of(cfg.context, cfg.attention, cfg.input_feeding), output_size, cfg.dropout,
-                               cast(ContextVector, cfg.context_vector))
+                               cfg.c_form)
         self.output = nn.Linear(output_size, tgt_vocab)
         # Copying writes attention mass onto source ids as target ids: one shared vocabulary.
         assert not cfg.copy_source or src_vocab == tgt_vocab, "model.copy_source needs a joint vocabulary"
