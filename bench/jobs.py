@@ -11,10 +11,13 @@ import os
 import queue
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from seqtool.checkpoint import STATE_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +31,8 @@ class Run:
 def cores_of(slot: int, parallel: int) -> list[int]:
     """The cores a run in `slot` (0 .. parallel-1) may use."""
     cores = sorted(os.sched_getaffinity(0))
+    if parallel > len(cores):
+        raise SystemExit(f"--parallel {parallel}: this machine has {len(cores)} cores for the runs")
     per = max(1, len(cores) // parallel)
     return cores[slot * per:(slot + 1) * per]
 
@@ -47,26 +52,34 @@ def seqtool(args: Sequence[str], cores: list[int], log: Path | None = None) -> s
 
 def train_all(runs: Sequence[Run], config: str, out: Path, minutes: float, parallel: int,
               then: Callable[[Run, Path, list[int]], None] | None = None) -> None:
-    """Train every run for `minutes` into OUT/NAME (a run already finished there is kept), `parallel` at a
-    time, each on its own cores; `then(run, model_dir, cores)` follows each run's training on the same cores
-    (decoding, scoring)."""
+    """Train every run for `minutes` into OUT/NAME, `parallel` at a time, each on its own cores; `then(run,
+    model_dir, cores)` follows each run's training on the same cores (decoding, scoring). Run again with the same
+    OUT, a finished run is kept and a stopped one resumed (its budget counts what it had trained). The first
+    failure stops the runs not yet started and is raised."""
     free: queue.Queue[list[int]] = queue.Queue()  # core sets not in use: a run takes one and gives it back
     for slot in range(parallel):
         free.put(cores_of(slot, parallel))
+    failed = threading.Event()
 
     def one(run: Run) -> None:
+        if failed.is_set():
+            return
         cores = free.get()
         try:
             model_dir = out / run.name
             if not (model_dir / "done").exists():
                 sets = [*run.sets, f"training.model_dir={model_dir}", f"training.max_minutes={minutes}",
                         f"training.threads={len(cores)}"]
-                seqtool(["train", "-c", config, "-q", *(a for kv in sets for a in ("--set", kv))], cores,
+                resume = ["--resume"] if (model_dir / STATE_FILE).exists() else []
+                seqtool(["train", "-c", config, "-q", *resume, *(a for kv in sets for a in ("--set", kv))], cores,
                         out / f"{run.name}.log")
                 (model_dir / "done").touch()
             if then is not None:
                 then(run, model_dir, cores)
             print(f"{run.name} done", file=sys.stderr, flush=True)
+        except BaseException:
+            failed.set()
+            raise
         finally:
             free.put(cores)
 

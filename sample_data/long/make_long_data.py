@@ -2,8 +2,8 @@
 
 Each source line is 1 to 100 symbols drawn uniformly from ten letters; its target is the same symbols in
 reverse order. Without attention (model.context init or every_step) everything passes through the encoder's
-last state: the target's first symbol is the source's last, one step away, and its k-th symbol is 2k steps
-back, so how far into each line a model gets right is how far back its gradients carry. That is where an
+last state h_T: the target's first symbol is the source's last, and its k-th symbol the one k - 1 encoder
+steps before h_T, so how far into each line a model gets right is how far back its gradients carry. That is where an
 Elman RNN's gradients explode or vanish and a GRU's or LSTM's stay in range (bench/gradients.py,
 docs/context_modes.md).
 
