@@ -17,13 +17,11 @@ docs/context_modes.md. `--parallel 2` trains two runs side by side, each on one 
 
 from __future__ import annotations
 
-import argparse
 import json
-import time
 from pathlib import Path
 
 import sacrebleu
-from jobs import ROOT, Run, seqtool, train_all
+from jobs import ROOT, Run, parser, seqtool, train_all
 
 from seqtool.checkpoint import load_model
 
@@ -106,12 +104,8 @@ def draw(out: Path, tables: dict[str, tuple[Run, ...]], run_dir: Path, minutes: 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=10)
-    ap.add_argument("--parallel", type=int, default=1, help="runs side by side, each on its own cores")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_context_modes" / time.strftime("%Y%m%d-%H%M%S"))
+    ap = parser(__doc__, "context_modes", 10)
     ap.add_argument("--valid-every", type=int, default=150, help="steps between dev BLEU points of the plot")
-    ap.add_argument("--plot", type=Path, help="the PNG to draw (default OUT/context_modes.png)")
     ap.add_argument("--only", help="comma-separated run names: those runs and the tables holding them (a check)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

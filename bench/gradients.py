@@ -13,14 +13,12 @@ gradient, as the tutorials draw it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import sacrebleu
-from jobs import ROOT, Run, seqtool, train_all
+from jobs import ROOT, Run, parser, seqtool, train_all
 
 from seqtool.checkpoint import load_model
 from seqtool.data import make_batch
@@ -111,11 +109,7 @@ def draw(out: Path, runs: dict[str, list[dict]], reaches: dict[str, list[float]]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=3)
-    ap.add_argument("--parallel", type=int, default=1, help="runs side by side, each on its own cores")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_gradients" / time.strftime("%Y%m%d-%H%M%S"))
-    ap.add_argument("--plot", type=Path, help="the PNG to draw (default OUT/gradients.png)")
+    ap = parser(__doc__, "gradients", 3)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     runs = [Run(f"{cell}-clip{clip:g}", (f"model.cell={cell}", f"training.clip_grad_norm={clip:g}"))

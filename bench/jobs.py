@@ -7,11 +7,13 @@ share of the machine and their budgets in minutes stay comparable; one at a time
 
 from __future__ import annotations
 
+import argparse
 import os
 import queue
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +28,16 @@ ROOT = Path(__file__).resolve().parents[1]
 class Run:
     name: str
     sets: tuple[str, ...]  # KEY=VALUE config overrides
+
+
+def parser(doc: str, name: str, minutes: float) -> argparse.ArgumentParser:
+    """The options every benchmark of training runs takes: budget, runs side by side, output folder, picture."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=minutes, help="training budget of each run")
+    ap.add_argument("--parallel", type=int, default=1, help="runs side by side, each on its own cores")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / f"bench_{name}" / time.strftime("%Y%m%d-%H%M%S"))
+    ap.add_argument("--plot", type=Path, help=f"the PNG to draw (default OUT/{name}.png)")
+    return ap
 
 
 def cores_of(slot: int, parallel: int) -> list[int]:
