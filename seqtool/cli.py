@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import sys
 import time
@@ -722,6 +724,10 @@ def main() -> None:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(encoding="utf-8")
+    # Python's last collection at exit walks every object alive, and torch's import alone leaves 170,000: 0.2 s of
+    # every command (a one-line translate: 2.2 -> 2.0 s on 2 cores). Objects frozen just before it are skipped;
+    # files are still flushed and closed and exit handlers still run.
+    atexit.register(gc.freeze)
     try:
         app()  # Typer handles --help, usage errors (exit 2), Ctrl-C and a closed stdout (quiet exit 1)
     except SeqtoolError as exc:
