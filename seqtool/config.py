@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 
 from seqtool.errors import ConfigError
-from seqtool.metrics import METRICS
+from seqtool.metrics import METRICS, unknown_names
 
 DEVICE = r"^(auto|cpu|cuda(:\d+)?)$"
 ContextVector = Literal["last", "last_transform", "mean", "max"]  # model.context_vector: how c is formed
@@ -177,10 +177,9 @@ class TrainingConfig(Section):
     @field_validator("valid_metrics")
     @classmethod
     def _known_metrics(cls, names: list[str]) -> list[str]:
-        unknown = [n for n in names if n not in METRICS]
-        if unknown:
-            raise ValueError(f"training.valid_metrics: unknown {', '.join(map(repr, unknown))}; choose from "
-                             f"{', '.join(METRICS)}")
+        problem = unknown_names(names)
+        if problem is not None:
+            raise ValueError(f"training.valid_metrics: {problem}")
         return names
 
     @field_validator("keep_best_by")

@@ -150,11 +150,21 @@ METRICS: dict[str, Metric] = {
 }
 
 
+def unknown_names(names: Sequence[str]) -> Optional[str]:
+    """What is wrong with `names` as metric names, every unknown one at once; None when all are known. The one
+    wording of `seqtool evaluate --metrics` and training.valid_metrics."""
+    unknown = [name for name in names if name not in METRICS]
+    if not unknown:
+        return None
+    return (f"unknown metric{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"choose from {', '.join(METRICS)}")
+
+
 def check_names(names: Sequence[str]) -> None:
-    """DataError naming the first unknown metric."""
-    for name in names:
-        if name not in METRICS:
-            raise DataError(f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
+    """DataError naming every unknown metric."""
+    problem = unknown_names(names)
+    if problem is not None:
+        raise DataError(problem)
 
 
 def score(hyps: Sequence[str], refs: Sequence[Sequence[str]], metrics: Sequence[str] = ("bleu", "chrf"),

@@ -34,9 +34,11 @@ def test_wrong_type_and_choice():
 
 def test_metric_names_checked_at_load():
     with pytest.raises(ConfigError) as exc:
-        validate({"training": {"valid_metrics": ["bleu", "meteor"], "keep_best_by": "couplet"}})
+        validate({"training": {"valid_metrics": ["bleu", "meteor", "ter"], "keep_best_by": "couplet"}})
     msg = str(exc.value)
-    assert "training.valid_metrics: unknown 'meteor'; choose from bleu, chrf, bleu_char, rouge, couplet" in msg
+    # every unknown name at once, in the words `seqtool evaluate --metrics` uses (metrics.unknown_names)
+    assert ("training.valid_metrics: unknown metrics 'meteor', 'ter'; choose from bleu, chrf, bleu_char, rouge, "
+            "couplet") in msg
     # the couplet checks mix directions (echo_rate is better lower): they cannot pick a model
     assert "training.keep_best_by 'couplet': choose from loss, bleu, chrf, bleu_char, rouge" in msg
     cfg = validate({"training": {"valid_metrics": ["couplet"], "keep_best_by": "chrf"}})

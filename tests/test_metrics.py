@@ -49,7 +49,9 @@ def test_multi_reference_bleu_and_errors():
     assert v["bleu"] == pytest.approx(100.0)
     with pytest.raises(DataError, match="line-aligned"):
         score(["a"], [["a", "b"]])
-    with pytest.raises(DataError, match="unknown metric"):
+    with pytest.raises(DataError, match="^unknown metric 'meteor'; choose from bleu, chrf, bleu_char, rouge, couplet$"):
         score(["a"], [["a"]], ["meteor"])
+    with pytest.raises(DataError, match="^unknown metrics 'meteor', 'ter'; choose from "):
+        score(["a"], [["a"]], ["bleu", "meteor", "ter"])
     with pytest.raises(DataError, match="--src"):
         score(["a"], [["a"]], ["couplet"])
