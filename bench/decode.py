@@ -7,7 +7,8 @@ time, timed as bench/compare_peers.py times them (the tool's own decode time and
 start-up included, with peak RSS); ratios are against fp32 at the same beam.
 
 With `--rev REV` it is an A/B of two seqtools instead: the same model decoded by this tree and by REV
-(a worktree), alternating, `--rounds` times each; the table gives median decode times and this / REV.
+(a worktree), alternating (each side first in every other round), `--rounds` times each; the table gives
+median decode times and this / REV.
 
     python bench/decode.py runs/multi30k_deen          # a model dir trained with configs/multi30k_deen.yaml
     python bench/decode.py runs/multi30k_deen --rev 1cf0f22 --rounds 3 --variants fp32 shortlist
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 from compare_peers import ROOT, VARIANTS, runnable, seqtool_decode
-from worktree import checked_out, short
+from worktree import checked_out, in_turn, short
 
 
 def variants(args: argparse.Namespace) -> list[str]:
@@ -56,7 +57,7 @@ def compare_trees(args: argparse.Namespace) -> None:
         for i in range(args.rounds):
             for beam in (1, 5):
                 for label in variants(args):
-                    for tree, name in ((base_tree, "base"), (ROOT, "this")):
+                    for tree, name in in_turn(((base_tree, "base"), (ROOT, "this")), i):
                         row = {"variant": label, "tree": name, "round": i,
                                **seqtool_decode(args.out, args.model_dir, beam, VARIANTS[label],
                                                 f".{label}.{name}{i}", tree)}

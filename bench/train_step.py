@@ -4,7 +4,8 @@ Both trees build the model of a config (default: the Multi30k de-en 12M model) a
 training steps (forward, loss, backward, clipping, Adam) on the same synthetic batches: random ids
 with the shapes token-budget batches of Multi30k have (about 72 sentences of 10-24 pieces). Token
 values do not change the work, so no data or tokenizer is needed. Rounds alternate between the two
-trees so that a change of machine load hits both; the table gives medians and the ratio.
+trees, each side first in every other round, so that neither a change of machine load nor the order
+favours one; the table gives medians and the ratio.
 
     python bench/train_step.py --rev HEAD            # this tree (with uncommitted changes) vs HEAD
     python bench/train_step.py --rev d67cfa1 --rounds 5 --steps 20 --config configs/aeslc.yaml
@@ -20,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from worktree import ROOT, checked_out, short
+from worktree import ROOT, checked_out, in_turn, short
 
 # Run inside each tree's own interpreter process: imports that tree's seqtool, prints seconds per step.
 WORKER = r"""
@@ -84,9 +85,9 @@ def main() -> None:
     config = args.config.resolve()
     runs: dict[str, list[dict]] = {"base": [], "this": []}
     with checked_out(args.rev) as base_tree:
-        for _ in range(args.rounds):
-            runs["base"].append(measure(base_tree, config, args.steps, args.batch_tokens))
-            runs["this"].append(measure(ROOT, config, args.steps, args.batch_tokens))
+        for i in range(args.rounds):
+            for tree, name in in_turn(((base_tree, "base"), (ROOT, "this")), i):
+                runs[name].append(measure(tree, config, args.steps, args.batch_tokens))
     med = {k: statistics.median(r["sent_per_s"] for r in v) for k, v in runs.items()}
     rev = short(args.rev)
     print(f"{config.name}, {args.rounds} rounds x {args.steps} steps, {time.strftime('%Y-%m-%d %H:%M')}\n")
