@@ -479,7 +479,7 @@ def check_before_start(cfg: Config, resume: bool) -> None:
         check_available()
     model_dir = Path(cfg.training.model_dir)
     state_path = model_dir / STATE_FILE
-    if resume and not state_path.exists():
+    if resume and not state_path.exists() and not (model_dir / MODEL_FILE).exists():
         raise SeqtoolError(f"nothing to resume: {state_path} does not exist")
     if not resume and (state_path.exists() or (model_dir / MODEL_FILE).exists()):
         raise SeqtoolError(f"{model_dir} already holds a run; use --resume, or choose another training.model_dir")
@@ -526,6 +526,13 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
     model_dir = Path(cfg.training.model_dir)
     state_path = model_dir / STATE_FILE
     progress = Progress()
+    if resume and not state_path.exists():
+        # The first checkpoint writes the model file, then the state: a run stopped between the two has nothing to
+        # continue from, and refusing both a fresh start (the dir holds a run) and a resume would leave it stuck.
+        reporter.log(f"{model_dir} holds a model but no training state (the run stopped while saving its first "
+                     f"checkpoint): starting afresh")
+        resume = False
+        main_does(lambda: tidy_after_crash(model_dir, 0), ranks)
     if resume:
         saved = load_state(state_path)
         bundle = saved.bundle

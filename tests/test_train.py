@@ -128,6 +128,14 @@ def test_refuses_to_overwrite_a_run_and_resume_needs_a_run(tmp_path):
     other = write_config(tmp_path / "d.yaml", tiny_config(tmp_path / "none", training=SMALL))
     proc = run_cli("train", "-c", str(other), "--resume")
     assert proc.returncode == 1 and "nothing to resume" in proc.stderr
+    # Stopped between the first checkpoint's model file and its training state: --resume starts afresh.
+    (tmp_path / "m" / STATE_FILE).unlink()
+    assert run_cli("train", "-c", str(path), "-q").returncode == 1  # still a run: not overwritten unasked
+    fresh = run_cli("train", "-c", str(path), "--resume")
+    assert fresh.returncode == 0, fresh.stderr
+    assert "holds a model but no training state" in fresh.stderr and "resuming at" not in fresh.stderr
+    assert [r["step"] for r in read_metrics(tmp_path / "m")] == [5]  # the lost run's record went, not doubled
+    assert (tmp_path / "m" / STATE_FILE).exists()
     changed = run_cli("train", "-c", str(path), "--resume", "--set", "model.hidden_size=48")
     assert changed.returncode == 2 and "model section differs" in changed.stderr
     faster = run_cli("train", "-c", str(path), "--resume", "--set", "training.lr=0.01")
