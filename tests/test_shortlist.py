@@ -53,8 +53,9 @@ def test_restricted_output_layer_gives_the_same_scores_as_the_full_layer_in_fp32
     torch.testing.assert_close(OutputRows.of(layer).restricted(ids)(x), layer(x)[:, ids])
     q = int8_dynamic(layer)
     small_q = OutputRows.of(q).restricted(ids)
-    assert isinstance(small_q, torch.ao.nn.quantized.dynamic.Linear)  # int8 stays int8, not float
-    torch.testing.assert_close(small_q.weight().int_repr(), q.weight().int_repr()[ids])  # the same int8 rows
+    weight, _ = torch.ops.quantized.linear_unpack(small_q.keywords["W_prepack"])  # what it multiplies by
+    assert weight.dtype == torch.qint8  # int8 stays int8, not float
+    torch.testing.assert_close(weight.int_repr(), q.weight().int_repr()[ids])  # the same int8 rows
     torch.testing.assert_close(small_q(x), q(x)[:, ids])
     torch.testing.assert_close(small_q(x), layer(x)[:, ids], atol=0.05, rtol=0.05)
 
