@@ -37,6 +37,8 @@ class Constraint:
     soft: ClassVar[bool] = False  # a heuristic that yields where it would leave a hypothesis no token at all
 
     def mask(self, lp: torch.Tensor, t: int, sents: torch.Tensor) -> torch.Tensor:
+        """Step t's log-probabilities (rows, V) with the tokens this rule forbids at -inf; it may write into lp,
+        which each step makes anew (Rules.mask gives the soft rules a copy)."""
         return lp
 
     def select(self, index: torch.Tensor, tokens: torch.Tensor, sents: torch.Tensor) -> Constraint:
@@ -68,10 +70,12 @@ def _keep_only(lp: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> No
 class Banned(Constraint):
     """Tokens never produced (PAD, BOS, UNK, pieces that would break a line)."""
 
-    tokens: torch.Tensor  # (V,) bool
+    tokens: torch.Tensor  # (n,) their ids in the search
 
     def mask(self, lp, t, sents):
-        return lp.masked_fill(self.tokens, NEG)
+        # Their columns only, in place: a masked_fill over the (rows, V) scores read and copied all of them,
+        # 2.2 against 0.03 ms a step for beam 5 of 64 sentences over 8,000 tokens.
+        return lp.index_fill_(1, self.tokens, NEG)
 
 
 @dataclass
@@ -524,7 +528,8 @@ def make_rules(lines: Sequence[LineSpec], d: DecodingConfig, vocab: Vocab, space
     target ids and the rules are over positions in it."""
     to = _Space(vocab.size, space, device)
     limits = [length_limit(line, d) for line in lines]
-    rules: list[Constraint] = [Banned(cast(torch.Tensor, to.mask([PAD, BOS, UNK, *vocab.banned])))]  # never empty
+    banned = cast(torch.Tensor, to.mask([PAD, BOS, UNK, *vocab.banned]))  # a list never empty: never None
+    rules: list[Constraint] = [Banned(banned.nonzero().squeeze(1))]
     mins = [len(line.positions) if line.positions is not None else min(d.min_len, limit)
             for line, limit in zip(lines, limits)]
     rules.append(MinLength(torch.tensor(mins, device=device)))
