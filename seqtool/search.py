@@ -97,7 +97,7 @@ def sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: 
         if top_p < 1.0:
             ordered, order = logits.sort(dim=-1, descending=True)
             probs = torch.softmax(ordered, dim=-1)
-            outside = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest head with mass >= top_p
+            outside = probs.cumsum(dim=-1) - probs >= top_p  # keep the smallest head with mass >= top_p
             logits = torch.full_like(logits, NEG).scatter(1, order, ordered.masked_fill(outside, NEG))
         # Drawn on the CPU, where the seeded generator lives: the same draws on every device.
         probs = torch.softmax(logits.float(), dim=-1).cpu()
@@ -131,7 +131,9 @@ def greedy(model: Decodable, src: torch.Tensor, src_lens: torch.Tensor, rules: R
         for row, (sent, tok, dead) in enumerate(zip(rows.sents.tolist(), best.tolist(), stuck.tolist())):
             if tok == EOS or t + 1 >= rules.max_len[sent]:
                 tokens = rows.tokens[row].tolist() + ([] if tok == EOS else [tok])
-                results[sent] = [Hypothesis(tokens, float(logp[row]) / length_penalty(t + 1, alpha), not dead)]
+                # Counted as beam search counts: EOS is a step, a stuck sentence ends before step t.
+                length = t if dead else t + 1
+                results[sent] = [Hypothesis(tokens, float(logp[row]) / length_penalty(length, alpha), not dead)]
             else:
                 keep.append(row)
         if not keep:

@@ -137,6 +137,15 @@ def test_sampling_top_k_one_is_greedy_and_seeded_sampling_repeats(srcs, temperat
     assert [h[0].tokens for h in draw(3)] == [h[0].tokens for h in draw(3)]
 
 
+def test_top_p_keeps_the_smallest_head_reaching_p():
+    """Token 0 alone holds exactly half the mass: top-p 0.5 draws only it; a hair more needs token 1 too."""
+    from seqtool.search import sampler
+
+    lp = torch.tensor([[0.5, 0.25, 0.25]]).log().repeat(400, 1)
+    assert set(sampler(top_p=0.5, seed=0)(lp)[1].tolist()) == {0}
+    assert set(sampler(top_p=0.51, seed=0)(lp)[1].tolist()) == {0, 1}
+
+
 def test_sampling_explores():
     from seqtool.search import sampler
 
@@ -161,3 +170,16 @@ def test_rules_that_allow_no_ending_give_the_best_unfinished_hypothesis(search):
     for hyps in results:
         assert len(hyps) == 1 and sorted(hyps[0].tokens) == [4, 5] and not hyps[0].complete
         assert hyps[0].score > float("-inf")
+
+
+def test_greedy_scores_as_beam_one_does_finished_or_stuck():
+    """Greedy and beam 1 find the same hypothesis and must give it the same length-penalised score, also when the
+    rules leave it unfinished."""
+    srcs = [[7, 8, 9], [10, 11], [12, 13, 14, 15]]
+    for stuck in (False, True):
+        rule_args = dict(avoid=[[(4, 4), (5, 5), (4, 5, 4), (5, 4, 5)]] * 3, min_len=5,
+                         banned=list(range(6, V))) if stuck else {}
+        g = run(lambda m, s, lens, r: greedy(m, s, lens, r, alpha=1.0), srcs, **rule_args)
+        b = run(lambda m, s, lens, r: beam_search(m, s, lens, r, 1, alpha=1.0), srcs, **rule_args)
+        assert [(h[0].tokens, h[0].complete) for h in g] == [(h[0].tokens, h[0].complete) for h in b]
+        assert [h[0].score for h in g] == pytest.approx([h[0].score for h in b], rel=1e-5)
