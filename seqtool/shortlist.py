@@ -100,8 +100,8 @@ class BatchVocab:
 class Shortlisted:
     """A model over a batch's shortlist with Seq2Seq's `encode` / `step`, its tokens positions in `vocab.ids`:
     the translator builds it and maps the results back (BatchVocab.mapped); a search never knows. Each row's
-    scores are normalised over its own sentence's list (the rest get -inf before the softmax), so a line's
-    output does not depend on the lines that share its batch."""
+    scores are normalised over its own sentence's list (the rest get -inf before the softmax, and after a copy
+    model's mixing too), so a line's output does not depend on the lines that share its batch."""
 
     model: Seq2Seq
     vocab: BatchVocab
@@ -111,13 +111,16 @@ class Shortlisted:
 
     def step(self, prev: torch.Tensor, state: DecoderState
              ) -> tuple[torch.Tensor, DecoderState, Optional[torch.Tensor]]:
-        output = self.vocab.output
-        if state.allowed is not None:
-            banned = state.per_row(~state.allowed)  # negated per sentence, then repeated for its rows
+        if state.allowed is None:
+            return self.model.step(self.vocab.ids[prev], state, self.vocab.output)
+        banned = state.per_row(~state.allowed)  # negated per sentence, then repeated for its rows
 
-            def output(feats: torch.Tensor) -> torch.Tensor:
-                return self.vocab.output(feats).masked_fill_(banned, float("-inf"))  # fresh logits: in place
-        return self.model.step(self.vocab.ids[prev], state, output)
+        def output(feats: torch.Tensor) -> torch.Tensor:
+            return self.vocab.output(feats).masked_fill_(banned, float("-inf"))  # fresh logits: in place
+        lp, state, weights = self.model.step(self.vocab.ids[prev], state, output)
+        if self.model.copy_gate is not None:  # its log of mixed probabilities floors the banned ones at log 1e-12
+            lp.masked_fill_(banned, float("-inf"))
+        return lp, state, weights
 
 
 def _unique_counts(keys: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ from seqtool.device import int8_dynamic
 from seqtool.errors import ModelFileError
 from seqtool.search import beam_search, greedy
 from seqtool.shortlist import BatchVocab, OutputRows, Shortlist, Shortlisted, build_shortlist
-from seqtool.tokenizer import EOS
+from seqtool.tokenizer import BOS, EOS
 from test_cli_errors import assert_one_line_error
 from test_search import V, model_for, rules_for, sources
 
@@ -106,8 +106,9 @@ def test_greedy_over_a_shortlist_is_greedy_with_every_other_token_banned(srcs, w
 def test_each_line_over_its_own_list_decodes_as_it_would_alone(srcs, which, own, beam):
     """Every row is restricted to its own sentence's list, and normalised over it: the batch's other lines
     (and so the union of the lists) change nothing."""
-    copies = {t for s in srcs for t in s} if len(which) == 3 else set()  # copying lands on the sources
-    lists = [torch.tensor(sorted({0, 1, 2, 3} | own[i % 4] | copies)) for i in range(len(srcs))]
+    copying = len(which) == 3  # a copy model's list holds its own source's tokens (translate: with_sources)
+    lists = [torch.tensor(sorted({0, 1, 2, 3} | own[i % 4] | (set(src) if copying else set())))
+             for i, src in enumerate(srcs)]
     union = torch.unique(torch.cat(lists))
     allowed = torch.stack([torch.isin(union, ids) for ids in lists])
     together = _search(which, srcs, union, beam, allowed)
@@ -116,6 +117,27 @@ def test_each_line_over_its_own_list_decodes_as_it_would_alone(srcs, which, own,
         assert [h.tokens for h in hyps] == [h.tokens for h in alone]
         assert [h.score for h in hyps] == pytest.approx([h.score for h in alone], abs=1e-4)
         assert all(set(h.tokens) <= set(ids.tolist()) for h in hyps)
+
+
+@pytest.mark.parametrize("which", [("gru", "attention"), ("lstm", "attention", True)])
+def test_a_step_scores_each_row_over_its_own_list_and_nothing_outside(which):
+    """The step under the searches: outside a sentence's list a score is -inf (a copy model's floor of
+    log 1e-12 would let a beam fill with the other lines' tokens), inside it the scores of the line alone."""
+    model = model_for(*which)
+    srcs, lists = [[5], [21, 23, 30]], [torch.tensor([0, 1, 2, 3, 5]), torch.tensor([0, 1, 2, 3, 21, 23, 30])]
+    union = torch.unique(torch.cat(lists))
+    allowed = torch.stack([torch.isin(union, ids) for ids in lists])
+
+    def first_step(srcs, ids, allowed=None):
+        listed = Shortlisted(model, BatchVocab(ids, OutputRows.of(model.output).restricted(ids), allowed))
+        b = make_batch(srcs, [[4]] * len(srcs))
+        with torch.no_grad():
+            return listed.step(b.src.new_full((len(srcs),), BOS), listed.encode(b.src, b.src_lens))[0]
+
+    together = first_step(srcs, union, allowed)
+    assert torch.isneginf(together[~allowed]).all()
+    for row, (src, ids) in enumerate(zip(srcs, lists)):
+        torch.testing.assert_close(together[row, allowed[row]], first_step([src], ids)[0])
 
 
 @settings(max_examples=25, deadline=None)
