@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional, cast
+from typing import ClassVar, NamedTuple, Optional, cast
 
 import torch
 
@@ -215,10 +215,16 @@ class Tone(Constraint):
         return lp.masked_fill((want >= 0) & (self.tones.unsqueeze(0) != want), NEG)
 
 
-# (bitmask of phrases met, longest suffix of the output that begins an unmet phrase, whether the last token
-# completed a phrase)
-State = tuple[int, Phrase, bool]
-START: State = (0, (), False)
+class State(NamedTuple):
+    """Where a hypothesis stands with its phrases to include."""
+
+    met: int  # bitmask of the phrases met, counting those the last token completed
+    tail: Phrase  # the longest suffix of the output that begins a phrase not in `met`
+    pending: int = 0  # of `met`, those the last token completed: a next token that continues the word undoes them
+    wider: Phrase = ()  # the same suffix for the phrases not in met & ~pending, to go on from if they are undone
+
+
+START = State(0, ())
 
 
 @dataclass
@@ -230,7 +236,10 @@ class Include(Constraint):
     punctuation cuts a line into runs) before the length limit. So every output meets every constraint
     that fits, and a model is steered only when it must be. Beam search also ranks candidates by
     constraint tokens met (`bank`), so hypotheses that placed a phrase early survive beside those that
-    did not (Post & Vilar 2018)."""
+    did not (Post & Vilar 2018).
+
+    A phrase ends where a word ends ('Ba' is not met by 'Bavo'): the search may not take a `glue` token right
+    after it, and where another rule forces one there (a prefix), the phrase counts as unmet again."""
 
     ranks: ClassVar[bool] = True
     phrases: list[tuple[Phrase, ...]]  # per sentence
@@ -251,28 +260,35 @@ class Include(Constraint):
         return self._cached(("next", sent, state, token), lambda: self._transition(sent, state, token))
 
     def _transition(self, sent: int, state: State, token: int) -> State:
-        before, tail, _ = state
-        met = before
-        phrases = self.phrases[sent]
-        seen = tail + (token,)
-        for i, p in enumerate(phrases):  # `tail` is long enough to hold any unmet phrase but its last token
-            if not met >> i & 1 and seen[-len(p):] == p:
-                met |= 1 << i
+        met, tail, pending, wider = state
+        if pending and token in self._glued():  # the word goes on: the phrases the last token completed are not met
+            met, tail = met & ~pending, wider
+        seen = tail + (token,)  # `tail` is long enough to hold any unmet phrase but its last token
+        done = sum(1 << i for i, p in enumerate(self.phrases[sent]) if not met >> i & 1 and seen[-len(p):] == p)
+        return State(met | done, self._suffix(sent, met | done, seen), done,
+                     self._suffix(sent, met, seen) if done else ())
+
+    def _suffix(self, sent: int, met: int, seen: Phrase) -> Phrase:
+        """The longest suffix of `seen` that begins (and is shorter than) a phrase not in `met`."""
         unmet = self._unmet(sent, met)
         start = next((k for k in range(len(seen))
                       if any(len(seen) - k < len(p) and p[: len(seen) - k] == seen[k:] for p in unmet)), len(seen))
-        return met, seen[start:], met != before
+        return seen[start:]
+
+    def _glued(self) -> frozenset[int]:
+        return self._cached(("glue",), lambda: frozenset(
+            () if self.glue is None else self.glue.nonzero().squeeze(1).tolist()))
 
     def _unmet(self, sent: int, met: int) -> list[Phrase]:
         return [p for i, p in enumerate(self.phrases[sent]) if not met >> i & 1]
 
     def met_tokens(self, sent: int, state: State) -> int:
-        met, tail, _ = state
+        met, tail = state.met, state.tail
         return sum(len(p) for i, p in enumerate(self.phrases[sent]) if met >> i & 1) + len(tail)
 
     def _candidates(self, sent: int, state: State) -> set[int]:
         """Tokens that continue some unmet phrase from some suffix of the output (the empty one included)."""
-        met, tail, _ = state
+        met, tail = state.met, state.tail
         return {p[k] for p in self._unmet(sent, met) for k in range(min(len(tail), len(p) - 1) + 1)
                 if p[:k] == tail[len(tail) - k:]}
 
@@ -313,7 +329,7 @@ class Include(Constraint):
     def feasible(self, sent: int, state: State, t: int) -> bool:
         """Whether, from step t on, every unmet phrase can still be placed: fresh, or the one the output
         is in the middle of continued right away."""
-        met, tail, _ = state
+        met, tail = state.met, state.tail
         here, later = self._room(sent, t)
         unmet = self._unmet(sent, met)
         def lengths(ps):
@@ -332,7 +348,7 @@ class Include(Constraint):
     def allowed(self, sent: int, state: State, t: int) -> Optional[list[int]]:
         """The tokens step t may take (None: any), at a free step."""
         def compute():
-            unmet = self._unmet(sent, state[0])
+            unmet = self._unmet(sent, state.met)
             here, later = self._room(sent, t + 1)
             if self._packs(tuple(sorted((len(p) for p in unmet), reverse=True)),
                            tuple(sorted((here, *later), reverse=True))):
@@ -347,8 +363,8 @@ class Include(Constraint):
         glued = []
         for row, s in enumerate(sents.tolist()):
             state = self._state(row)
-            if state[2] and self.glue is not None:  # a phrase just ended: so must its word
-                glued.append(row)
+            if state.pending and self.glue is not None and self._room(s, t)[0]:  # a phrase just ended: so must
+                glued.append(row)  # its word (where no other rule forces the token; _transition sees to that)
             if not self.needs(s, state)[0]:
                 continue
             lp[row, EOS] = NEG

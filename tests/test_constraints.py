@@ -131,9 +131,9 @@ def test_include_tracks_exactly_which_phrases_the_output_holds(ps, seq):
             assert inc.needs(0, nxt)[0] <= need - 1
         state = nxt
         occurs = {j for j, p in enumerate(ps) if any(tuple(seq[a:a + len(p)]) == p for a in range(i + 2 - len(p)))}
-        assert {j for j in range(len(ps)) if state[0] >> j & 1} == occurs
+        assert {j for j in range(len(ps)) if state.met >> j & 1} == occurs
     need, advancing = inc.needs(0, state)
-    assert (need == 0) == (state[0] == (1 << len(ps)) - 1) and (need == 0 or advancing)
+    assert (need == 0) == (state.met == (1 << len(ps)) - 1) and (need == 0 or advancing)
 
 
 def test_beam_search_places_phrases_where_they_fit_not_only_at_the_end():
@@ -154,20 +154,31 @@ def test_beam_search_places_phrases_where_they_fit_not_only_at_the_end():
 @settings(max_examples=30, deadline=None)
 @given(controlled(), st.sampled_from(["greedy", "beam"]), st.sets(st.integers(4, V - 1), max_size=20))
 def test_a_phrase_ends_where_a_word_ends(data, kind, glue):
-    """Right after a phrase to include, no token that would continue its word ('Sabe' + 'd')."""
+    """Right after a phrase to include, no token that would continue its word ('Sabe' + 'd'); a prefix that
+    glues on to the phrase inside it does not meet it."""
     srcs, lines = data
-    lines = [{**x, "prefix": ()} for x in lines]
     d = DecodingConfig(max_len_a=1.5, max_len_b=4)
     assume(all(line_problem(spec, d) is None for spec in specs(srcs, lines)))
     for x, hyps in zip(lines, decode(kind, 3, srcs, ("gru", "attention"), lines, glue=sorted(glue))):
         for h in hyps:
-            assert satisfied(h.tokens, **x)
+            assert h.complete and satisfied(h.tokens, **x)
             after = [h.tokens[i + len(p)] for p in x["include"] for i in range(len(h.tokens) - len(p))
                      if tuple(h.tokens[i:i + len(p)]) == p]
             # the first occurrence of each phrase is followed by a word start (a later one may be glued)
             assert all(any(h.tokens[i + len(p)] not in glue for i in range(len(h.tokens) - len(p))
                            if tuple(h.tokens[i:i + len(p)]) == p) or tuple(h.tokens[-len(p):]) == p
                        for p in x["include"]), (h.tokens, x, after)
+
+
+@pytest.mark.parametrize("kind", ["greedy", "beam"])
+def test_a_prefix_that_holds_a_phrase_inside_a_word_keeps_the_word_and_places_the_phrase_after(kind):
+    """Prefix 'Bavo govo' (pieces 10 11 12 11, 11 continues a word) with the phrase 'Ba' (10): the prefix is kept
+    whole, and 'Ba' appears again after it, as a word of its own."""
+    line = {"prefix": (10, 11, 12, 11), "include": [(10,)], "avoid": []}
+    (hyps,) = decode(kind, 3, [[8, 9, 13]], ("gru", "attention"), [line], glue=[11])
+    for h in hyps:
+        assert h.complete and h.tokens[:4] == [10, 11, 12, 11], h.tokens
+        assert any(tok == 10 and h.tokens[i + 1:i + 2] != [11] for i, tok in enumerate(h.tokens[4:], 4)), h.tokens
 
 
 def test_ngram_blocking_yields_to_a_phrase_that_must_appear():
