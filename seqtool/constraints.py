@@ -496,6 +496,11 @@ def line_problem(line: LineSpec, d: DecodingConfig, free_banned: Sequence[int] =
                 return "a constraint contains an avoided phrase"
     if line.prefix and any(_contains(line.prefix, a) for a in line.avoid if len(a) <= len(line.prefix)):
         return "the prefix contains an avoided phrase"
+    punctuation = set(free_banned)
+    if any(punctuation.intersection(p) and not _contains(line.prefix, p) for p in line.include):
+        # The search places a phrase in a run of free steps, where copied punctuation is banned.
+        return ("a constraint holds punctuation, which the output has only where the input has it: give the words "
+                "on either side of it as constraints of their own")
     n = d.no_repeat_ngram
     if n and any(_repeats_ngram(seq, n) for seq in (line.prefix, *line.include)):
         return f"the prefix or a constraint repeats a {n}-gram, which decoding.no_repeat_ngram {n} forbids"
@@ -503,11 +508,10 @@ def line_problem(line: LineSpec, d: DecodingConfig, free_banned: Sequence[int] =
         length = len(line.positions)
         if len(line.prefix) > length:
             return f"the prefix has {len(line.prefix)} tokens, more than the exact output length {length}"
-        banned = set(free_banned)
         for t, tok in enumerate(line.prefix):
             if line.positions[t] >= 0 and line.positions[t] != tok:
                 return f"the prefix's token {t + 1} falls where the input's punctuation is copied"
-            if line.positions[t] < 0 and tok in banned:
+            if line.positions[t] < 0 and tok in punctuation:
                 return f"the prefix's token {t + 1} is punctuation where the input has none"
     elif line.needed() > length_limit(line, d):
         return f"the prefix and constraints need {line.needed()} tokens, more than decoding.max_len {d.max_len}"

@@ -200,6 +200,8 @@ def test_ngram_blocking_yields_to_a_phrase_that_must_appear():
     (LineSpec(2, positions=(-1, 30), prefix=(5, 6)), {}, "token 2 falls where the input's punctuation is copied"),
     (LineSpec(2, positions=(-1, -1), prefix=(31,)), {}, "token 1 is punctuation where the input has none"),
     (LineSpec(3, positions=(-1, 30, -1), include=((5, 6),)), {}, "(2 tokens) do not fit in the 2 free positions"),
+    (LineSpec(3, positions=(-1, 30, -1), include=((5, 30),)), {}, "a constraint holds punctuation"),
+    (LineSpec(3, positions=(-1, 30, -1), prefix=(5,), include=((30, 6),)), {}, "a constraint holds punctuation"),
 ])
 def test_controls_that_cannot_be_met_are_refused_with_a_reason(spec, decoding, problem):
     assert problem in line_problem(spec, DecodingConfig(**decoding), free_banned=[30, 31])
@@ -213,6 +215,7 @@ def test_controls_that_fit_are_accepted_and_the_length_limit_makes_room():
     assert line_problem(spec, d) is None and spec.needed() == 5
     assert length_limit(spec, d) == 5 + 2  # 1.0 * 2 + 2 = 4 would not hold them: room for them + max_len_b
     assert line_problem(LineSpec(2, positions=(-1, 30, -1), prefix=(5,), include=((6,),)), d, [30]) is None
+    assert line_problem(LineSpec(2, positions=(-1, 30, -1), prefix=(5, 30), include=((5, 30),)), d, [30]) is None
 
 
 # --- from the CLI, on the sample model (test BLEU 100) ------------------------------------------------
