@@ -6,6 +6,7 @@ Validated when loaded; unknown keys and bad values are reported together, each b
 from __future__ import annotations
 
 import difflib
+import reprlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -132,9 +133,16 @@ class ModelConfig(Section):
         return self
 
 
+MAX_VALUES = 100_000  # values in a whole config: far more than any setting takes
+# A wrong value in an error message: its start, not megabytes of it (a long list under a number's key).
+SHOWN = reprlib.Repr()
+SHOWN.maxlevel, SHOWN.maxstring, SHOWN.maxother, SHOWN.maxlist, SHOWN.maxdict = 2, 60, 60, 5, 5
+SEED_MAX = 2**63 - 1  # torch's generators take a 64-bit seed: a larger one was an internal OverflowError
+
+
 class TrainingConfig(Section):
     model_dir: str = "runs/model"
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, le=SEED_MAX)
     batch_tokens: int = Field(default=2000, gt=0, description="padded target tokens per batch")
     batch_sentences: int = Field(
         default=0, ge=0, description="sentences per batch instead of batch_tokens (Joey NMT's and OpenNMT-py's "
@@ -164,7 +172,7 @@ class TrainingConfig(Section):
     tensorboard: bool = Field(default=False, description="also write the metrics as TensorBoard events to "
                               "MODEL_DIR/tensorboard (pip install -e \".[tensorboard]\")")
     patience: int = Field(default=10, ge=0, description="validations without improvement before stopping; 0 = never")
-    threads: int = Field(default=0, ge=0, description="torch threads; 0 = one per core")
+    threads: int = Field(default=0, ge=0, le=4096, description="torch threads; 0 = one per core")
     device: str = Field(
         default="auto", pattern=DEVICE, description="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -213,7 +221,7 @@ class DecodingConfig(Section):
     top_k: int = Field(default=0, ge=0, description="sample among the k most probable tokens; 0 = all")
     top_p: float = Field(
         default=1.0, gt=0.0, le=1.0, description="sample within the smallest set of this probability mass")
-    seed: int = Field(default=0, description="seed for sampling")
+    seed: int = Field(default=0, ge=0, le=SEED_MAX, description="seed for sampling")
     exact_length: bool = Field(default=False, description="output exactly as many tokens as the input (couplets)")
     copy_punctuation: bool = Field(
         default=False, description="punctuation of the input at the same positions (needs exact_length)")
@@ -295,7 +303,23 @@ def _describe(err: ErrorDetails) -> str:
         return f"unknown key {name}{hint}"
     if err["type"] == "value_error":  # cross-field checks say their own names
         return err["msg"].removeprefix("Value error, ")
-    return f"{name}: {err['msg']} (got {err['input']!r})"
+    return f"{name}: {err['msg']} (got {SHOWN.repr(err['input'])})"
+
+
+def _too_big(raw: Any) -> bool:
+    """Whether `raw` holds more than MAX_VALUES values, counted as validation would walk them: YAML aliases
+    repeat a value in place, and nine levels of them in 400 bytes are a billion."""
+    stack, seen = [raw], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            return True
+        if isinstance(node, dict):
+            stack += [*node.keys(), *node.values()]
+        elif isinstance(node, list):
+            stack += node
+    return False
 
 
 def validate(raw: Any) -> Config:
@@ -304,6 +328,9 @@ def validate(raw: Any) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("config must be a mapping of sections (data, tokenizer, model, training, decoding)")
+    if _too_big(raw):
+        raise ConfigError(f"the config holds more than {MAX_VALUES:,} values (YAML aliases repeat theirs in place); "
+                          "no setting takes that many")
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:

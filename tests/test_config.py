@@ -32,6 +32,25 @@ def test_wrong_type_and_choice():
         validate({"model": {"cell": "transformer"}})
 
 
+def test_out_of_range_seeds_and_threads_and_huge_values_are_short_errors(tmp_path):
+    """Seeds past 64 bits and absurd thread counts are config errors (they were internal OverflowErrors); a wrong
+    value is shown by its start; YAML aliases that expand to a billion values are refused before validation."""
+    with pytest.raises(ConfigError) as exc:
+        validate({"training": {"seed": 2**64, "threads": 10**9}, "decoding": {"seed": -1},
+                  "model": {"hidden_size": list(range(10**4))}})
+    msg = str(exc.value)
+    for part in ("training.seed", "training.threads", "decoding.seed", "model.hidden_size"):
+        assert part in msg
+    assert "(got [0, 1, 2, 3, 4, ...])" in msg and len(msg) < 600
+    assert validate({"training": {"seed": 2**63 - 1}}).training.seed == 2**63 - 1
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8)) +
+        "training: {seed: *i}\n")
+    with pytest.raises(ConfigError, match="more than 100,000 values"):
+        load_config(bomb)
+
+
 def test_metric_names_checked_at_load():
     with pytest.raises(ConfigError) as exc:
         validate({"training": {"valid_metrics": ["bleu", "meteor", "ter"], "keep_best_by": "couplet"}})
