@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import islice, zip_longest
-from typing import Optional
+from itertools import zip_longest
+from typing import Optional, TypeVar
 
 import torch
 
@@ -21,6 +21,7 @@ from seqtool.model.seq2seq import Seq2Seq
 from seqtool.tokenizer import PAD, Tokenizer
 from seqtool.translate import source_ids
 
+T = TypeVar("T")
 CHUNK = 2000  # pairs read, scored and written at a time: output streams, memory stays bounded
 PADDED_TARGET_TOKENS = 4096  # per batch: the (B, T, V) scores of one batch stay about 130 MB at V = 8,000
 
@@ -49,6 +50,28 @@ def read_pairs_streamed(src_path: str, tgt_path: str) -> Iterator[tuple[str, str
         yield src, tgt
 
 
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Lists of up to `size` items; an error while reading (a misaligned or undecodable line) comes after
+    the items read before it, so that their scores are written first."""
+    items = iter(items)
+    chunk: list[T] = []
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            break
+        except Exception:
+            if chunk:
+                yield chunk
+            raise
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 @dataclass
 class Scorer:
     model: Seq2Seq
@@ -62,9 +85,8 @@ class Scorer:
     def score(self, pairs: Iterable[tuple[str, str]]) -> Iterator[Optional[LineScore]]:
         """One LineScore per pair, in order; None for a pair whose source is empty (the model never saw one:
         training drops them, and the encoder needs a token)."""
-        pairs = iter(pairs)
         first = 1
-        while chunk := list(islice(pairs, CHUNK)):
+        for chunk in _chunks(pairs, CHUNK):
             yield from self._chunk(chunk, first)
             first += len(chunk)
 

@@ -73,10 +73,17 @@ def test_a_line_scores_the_same_in_any_batch_and_json_gives_the_fields(trained_m
             assert x["ppl"] == pytest.approx(math.exp(-x["per_token"]), rel=1e-3)
 
 
-def test_misaligned_files_are_one_line(trained_model, tmp_path):
+def test_misaligned_or_undecodable_files_are_one_line_and_the_lines_before_are_kept(trained_model, tmp_path):
     src, tgt = _pairs(tmp_path, 10)
+    good = run_cli("score", "-m", str(trained_model), "-s", _write(tmp_path, "s", src), "-t",
+                   _write(tmp_path, "t", tgt), check=True)
     proc = run_cli("score", "-m", str(trained_model), "-s", _write(tmp_path, "s", src), "-t",
                    _write(tmp_path, "t", tgt[:8]))
-    assert proc.returncode == 1 and "line-aligned" in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stdout.splitlines()) == 0  # the first chunk fails before any line is written
+    assert_one_line_error(proc, "t ends at line 8 but the other file goes on")
+    assert proc.stdout.splitlines() == good.stdout.splitlines()[:8]  # the lines before it are scored and kept
+    bad = tmp_path / "bad"
+    bad.write_bytes(("\n".join(tgt[:3]) + "\n\xff\n").encode("latin-1"))
+    proc = run_cli("score", "-m", str(trained_model), "-s", _write(tmp_path, "s", src), "-t", str(bad))
+    assert_one_line_error(proc, "bad:4: invalid UTF-8")
+    assert proc.stdout.splitlines() == good.stdout.splitlines()[:3]
     assert_one_line_error(run_cli("score", "-m", str(tmp_path / "nope"), "-s", "x", "-t", "y"), "not found")
