@@ -49,10 +49,14 @@ def read_metrics(model_dir: Path) -> list[dict]:
     records = []
     for n, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if n < len(lines):  # a run killed mid-write may leave a partial last line: skip only that
                 raise DataError(f"{path}:{n}: not a JSON line") from None
+            continue
+        if not isinstance(record, dict) or not all(type(v) in (int, float) for v in record.values()):
+            raise DataError(f"{path}:{n}: not a metrics record (an object whose values are numbers)")
+        records.append(record)
     if not records:
         raise DataError(f"{path} has no validation records yet")
     return records
@@ -89,7 +93,7 @@ def plot_curves(runs: Sequence[Path], out: Path, x: str = "step") -> None:
     for ax, (title, keys) in zip(axes.flat, panels):
         for run_index, (name, records) in enumerate(histories):
             for key_index, metric in enumerate(keys):
-                points = [(r[key] / (60 if x == "time" else 1), r[metric]) for r in records if metric in r]
+                points = [(r[key] / (60 if x == "time" else 1), r[metric]) for r in records if metric in r and key in r]
                 if points:
                     xs, ys = zip(*points)
                     who = f"{name} " if len(histories) > 1 else ""

@@ -68,6 +68,13 @@ def test_metrics_with_a_torn_last_line_still_plot(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('garbage\n{"step": 20}\n')
     with pytest.raises(SeqtoolError, match=":1: not a JSON line"):
         read_metrics(tmp_path)
+    for bad in ('{"step": "a", "valid_loss": 2.0}', '[1, 2]', '{"step": true}'):
+        (tmp_path / "metrics.jsonl").write_text(f'{{"step": 10}}\n{bad}\n')
+        with pytest.raises(SeqtoolError, match=":2: not a metrics record"):
+            read_metrics(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10, "valid_loss": 2.0}\n')  # no time_s: nothing on that axis
+    proc = run_cli("plot", str(tmp_path), "--x", "time", "-o", str(tmp_path / "curves.png"))
+    assert proc.returncode == 0 and (tmp_path / "curves.png").exists(), proc.stderr
 
 
 def test_attention_in_json_and_heatmaps_per_line(trained_model, tmp_path):
