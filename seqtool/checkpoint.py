@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -32,13 +33,33 @@ STEP_FILE = "step{:08d}.safetensors"  # with training.keep_last: the model at ea
 STATE_FILE = "train_state.safetensors"  # last model + optimizer, schedule, step, RNG: for --resume
 
 
+def write_target(path: Path) -> tuple[Path, bool]:
+    """(Where a write to `path` lands, whether it may go through a temporary file renamed over it.) A symlink is
+    followed, so the link stays a link and its target gets the new content; a FIFO, a device (/dev/stdout,
+    /dev/null) or a socket is written in place: a rename would replace it with a plain file, the reader
+    waiting on it would get nothing, and /dev/null would be gone."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return path, False
+    except OSError:  # not there yet (a dangling link: its target is made), or unreachable: the write will say
+        pass
+    return Path(os.path.realpath(path)), True
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+    """Write to a temporary file in the same folder, fsync, then rename over `path` (see `write_target`).
 
     A crash or a full disk leaves either the old file or the new one under `path`, never a mix.
     """
-    path = Path(path)
+    path, replaceable = write_target(Path(path))
     tmp = None
+    if not replaceable:
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+            return
+        except OSError as exc:
+            raise SeqtoolError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; a model file is as readable as any output
@@ -189,7 +210,13 @@ def bundle_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Pa
     word = config.tokenizer.type == "word"
     src_tok = _tokenizer(tensors, "tokenizer.src", word, path)
     tgt_tok = src_tok if "tokenizer.tgt" not in tensors else _tokenizer(tensors, "tokenizer.tgt", word, path)
-    model = build_model(config.model, src_tok.vocab_size, tgt_tok.vocab_size)
+    try:  # the shapes are checked against the model built: a damaged config may ask for more than there is
+        model = build_model(config.model, src_tok.vocab_size, tgt_tok.vocab_size)
+    except (MemoryError, RuntimeError) as exc:  # torch's CPU allocator says "can't allocate memory"
+        if not isinstance(exc, MemoryError) and "can't allocate memory" not in str(exc):
+            raise
+        raise ModelFileError(f"{path}: its config asks for a model too large for this machine's memory, "
+                             "far from its weights' sizes: the file is damaged") from None
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     expected = model.state_dict()
     aliases = set(expected) - set(_unaliased(expected))
@@ -200,6 +227,9 @@ def bundle_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Pa
     if missing or unexpected or wrong:
         raise ModelFileError(f"{path}: weights do not match its config (missing {len(missing)}, "
                              f"unexpected {len(unexpected)}, wrong shape or dtype {len(wrong)})")
+    broken = sorted(k for k, v in weights.items() if v.is_floating_point() and not bool(v.isfinite().all()))
+    if broken:  # it would translate every line to the same junk, with exit 0
+        raise ModelFileError(f"{path}: damaged: {len(broken)} weight tensor(s) hold NaN or infinity ({broken[0]})")
     model.load_state_dict(weights, strict=False)
     model.eval()
     shortlist = Shortlist.from_tensors(tensors)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import errno
 import gc
+import io
 import os
 import sys
 import time
@@ -342,8 +344,16 @@ def _translate_to_file(translator, lines, output: Path, fmt: str, each) -> int:
     """Write under a temporary name and rename when complete, so the real name never holds half an output.
     If anything stops it (bad input on line N, a full disk, Ctrl-C, a bug), the lines already translated are
     kept in OUTPUT.partial, whole lines only, and the error says so."""
+    from seqtool.checkpoint import write_target
     from seqtool.translate import translate_stream
 
+    output, replaceable = write_target(output)
+    if not replaceable:  # a FIFO or a device: lines go straight in, as with stdout
+        try:
+            with open(output, "w", encoding="utf-8") as out:
+                return translate_stream(translator, lines, out, fmt, each)
+        except OSError as exc:
+            raise SeqtoolError(f"cannot write {output}: {exc.strerror}") from None
     tmp, partial = output.with_name(f".{output.name}.tmp"), output.with_name(output.name + ".partial")
     partial.unlink(missing_ok=True)  # an earlier run's: it would be taken for this one's
     try:
@@ -443,8 +453,12 @@ def evaluate(
     import json
 
     from seqtool.data import read_lines
-    from seqtool.metrics import score
+    from seqtool.metrics import score, unknown_names
 
+    names = [m.strip() for m in metrics.split(",") if m.strip()]
+    problem = unknown_names(names) if names else f"no metric named; choose from {', '.join(METRICS)}"
+    if problem:  # before any translating, which may take minutes
+        raise ConfigError(f"--metrics: {problem}")
     refs = [read_lines(r) for r in ref]
     srcs = read_lines(src) if src is not None else None
     if hyp is not None:
@@ -454,7 +468,7 @@ def evaluate(
         hyps = [t.text for t in translator.translate(srcs)]
     else:
         raise SeqtoolError("give --hyp FILE, or --model and --src to translate")
-    results = score(hyps, refs, [m.strip() for m in metrics.split(",") if m.strip()], srcs)
+    results = score(hyps, refs, names, srcs)
     if as_json:
         print(json.dumps({"references": [str(r) for r in ref], "n": len(hyps),
                           "scores": {s.name: round(s.value, 2) for s in results},
@@ -719,11 +733,13 @@ def tokenizer_decode(input: str = typer.Argument("-", help="Pieces file, or '-' 
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit code, never a traceback."""
+    _stand_in_for_closed_streams()
     # Text in and out is UTF-8 whatever the locale says (inputs are read as UTF-8 too): a C or Latin-1
-    # locale would fail on the first Chinese character written.
-    for stream in (sys.stdout, sys.stderr):
+    # locale would fail on the first Chinese character written. A file name that is not UTF-8 reaches an
+    # error message with its bytes as surrogates: written as \udcff, not a UnicodeEncodeError.
+    for stream, errors in ((sys.stdout, "strict"), (sys.stderr, "backslashreplace")):
         if hasattr(stream, "reconfigure"):
-            stream.reconfigure(encoding="utf-8")
+            stream.reconfigure(encoding="utf-8", errors=errors)
     # Python's last collection at exit walks every object alive, and torch's import alone leaves 170,000: 0.2 s of
     # every command (a one-line translate: 2.2 -> 2.0 s on 2 cores). Objects frozen just before it are skipped;
     # files are still flushed and closed and exit handlers still run.
@@ -748,6 +764,40 @@ def main() -> None:
             raise
         _err(f"internal error: {type(exc).__name__}: {exc} (a bug in seqtool; SEQTOOL_TRACEBACK=1 shows where)")
         sys.exit(INTERNAL_ERROR)
+
+
+class _Closed(io.RawIOBase):
+    """A standard stream the command was started without (`<&-`, `>&-`): reading or writing it is an OSError
+    the CLI reports in one line, as the shell's `echo hi >&-` does, rather than Python's None."""
+
+    def __init__(self, which: str) -> None:
+        self.which = which
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        raise OSError(errno.EBADF, f"standard {self.which} is closed")
+
+    def write(self, data) -> int:
+        raise OSError(errno.EBADF, f"standard {self.which} is closed")
+
+
+def _stand_in_for_closed_streams() -> None:
+    """Python starts without sys.stdin / stdout / stderr where file descriptor 0 / 1 / 2 is closed. Each is
+    taken by /dev/null, so that no file opened later lands on it (a library's print to fd 1 would go into
+    it); stdin and stdout read and write as `_Closed`, and stderr goes nowhere: the work is still done."""
+    for fd, (name, which) in enumerate((("stdin", "input"), ("stdout", "output"), ("stderr", "error"))):
+        if getattr(sys, name) is not None:
+            continue
+        held = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one, the ones below are open
+        assert held == fd, (held, fd)
+        # Unbuffered text over _Closed: a failed write leaves nothing behind to fail again at exit.
+        setattr(sys, name, open(held, "w", closefd=False) if name == "stderr" else
+                io.TextIOWrapper(_Closed(which), encoding="utf-8", write_through=True))
 
 
 def _drop_stdout() -> None:

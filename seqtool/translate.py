@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class Source:
 
 
 FIELDS = ("text", "prefix", "constraints", "avoid")
+SURROGATE = re.compile("[\ud800-\udfff]")  # what JSON's lone "\\ud800" and Python's surrogateescape make of non-text
 
 
 def parse_source(record: object, where: str) -> Source:
@@ -79,6 +81,8 @@ def parse_jsonl(lines: Iterable[str]) -> Iterator[Source]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:  # the parser recurses per level: [[[[... a hundred thousand deep
+            raise DataError(f"line {lineno}: not valid JSON here (nested too deeply)") from None
         yield parse_source(record, f"line {lineno}")
 
 
@@ -162,6 +166,12 @@ class Translator:
         source = line if isinstance(line, Source) else Source(line)
         if not source.text.strip():
             return None
+        for what, value in (("it", source.text), ("the prefix", source.prefix or self.prefix),
+                            *(("a constraint", c) for c in source.constraints),
+                            *(("an avoided phrase", a) for a in (*source.avoid, *self.avoid))):
+            if half := SURROGATE.search(value):  # no tokenizer takes one: sentencepiece raised a RuntimeError
+                raise DataError(f"line {lineno}: {what} holds {half.group()!r}, half of a UTF-16 pair, not a "
+                                "character (a lone \\u escape in JSON, or bytes not UTF-8 on the command line)")
         ids = source_ids(self.src_tok, source.text, self.truncate_src, self.decoding.max_input_tokens, self.warn,
                          lineno)
         d = self.decoding
@@ -375,7 +385,7 @@ def translate_stream(translator: Translator, lines: Iterable[str | Source], out:
         for i, line in enumerate(chunk):
             try:
                 prepared.append(translator.prepare(line, n + 1 + i))
-            except SeqtoolError as exc:  # the lines before it are still translated and written
+            except Exception as exc:  # bad input, or a bug: the lines before it are still translated and written
                 error = exc
                 break
         for lineno, t in enumerate(translator.run(prepared, first_lineno=n + 1), n + 1):

@@ -74,6 +74,21 @@ def test_translate_input_errors(trained_model, tmp_path):
     assert len(proc.stdout.splitlines()) == 2  # the lines before the bad one were translated and kept
 
 
+def test_jsonl_lines_that_are_not_text_are_one_line_and_the_lines_before_are_kept(trained_model):
+    """A lone surrogate (valid JSON, no character) in any field, JSON nested past the parser's recursion, a
+    --prefix of bytes that are not UTF-8: one line naming the line, exit 1, the lines before it written."""
+    good = '{"text": "zuza."}\n{"text": "zobo."}\n'
+    for third, match in (('{"text": "\\ud800"}', "line 3: it holds '\\ud800', half of a UTF-16 pair"),
+                         ('{"text": "zuza.", "constraints": ["\\udfff"]}', "line 3: a constraint holds '\\udfff'"),
+                         ("[" * 100_000, "line 3: not valid JSON here (nested too deeply)")):
+        proc = run_cli("translate", "-m", str(trained_model), "-b", "1", "--input-format", "jsonl",
+                       input=good + third + "\n")
+        assert_one_line_error(proc, match, code=1)
+        assert len(proc.stdout.splitlines()) == 2
+    proc = run_cli("translate", "-m", str(trained_model), "-b", "1", "--prefix", "\udcff", input="zuza.\n")
+    assert_one_line_error(proc, "line 1: the prefix holds '\\udcff'", code=1)
+
+
 def test_translate_output_file_not_half_written_and_finished_lines_kept(trained_model, tmp_path):
     """A failure on line N: nothing under the output's name, the N-1 lines done in OUTPUT.partial."""
     bad = tmp_path / "bad.txt"
@@ -222,3 +237,83 @@ def test_output_is_utf8_whatever_the_locale(trained_model):
                    env={"PYTHONIOENCODING": "latin-1"})
     assert proc.returncode == 0, proc.stderr
     assert "\u4e2d\u6587" in proc.stdout
+
+
+def test_output_through_a_symlink_or_into_a_fifo_keeps_what_it_is(trained_model, tmp_path):
+    """-o LINK writes the link's target and leaves the link; -o FIFO feeds the reader on it (a rename over them
+    made plain files of both, and of /dev/null too when run as root)."""
+    import threading
+
+    alone = run_cli("translate", "-m", str(trained_model), "-b", "1", input="zuza.\nzobo.\n", check=True).stdout
+    target, link = tmp_path / "real.txt", tmp_path / "link.txt"
+    link.symlink_to(target)  # dangling until written
+    for _ in range(2):  # made, then replaced
+        run_cli("translate", "-m", str(trained_model), "-b", "1", "-o", str(link), input="zuza.\nzobo.\n", check=True)
+        assert link.is_symlink() and target.read_text() == alone
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    run_cli("translate", "-m", str(trained_model), "-b", "1", "-o", str(fifo), input="zuza.\nzobo.\n", check=True)
+    reader.join(timeout=60)
+    assert got == [alone] and fifo.is_fifo()
+
+
+def _closed_streams_run(trained_model, redirect: str, *args: str) -> subprocess.CompletedProcess:
+    command = " ".join([sys.executable, "-m", "seqtool", *args, "-m", str(trained_model), "-b", "1"])
+    return subprocess.run(["bash", "-c", f"{command} {redirect}"], input="zuza.\n", capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def test_closed_standard_streams_are_one_line_or_harmless(trained_model, tmp_path):
+    """Started with stdin or stdout closed (`<&-`, `>&-`): one line and exit 1, as the shell's own `echo >&-`;
+    with stderr closed the work is done (and nothing lands on stdout but the output)."""
+    proc = _closed_streams_run(trained_model, "<&-", "translate")
+    assert proc.returncode == 1 and proc.stderr == "seqtool: error: standard input is closed\n", proc.stderr
+    proc = _closed_streams_run(trained_model, ">&-", "translate")
+    assert proc.returncode == 1 and proc.stderr == "seqtool: error: standard output is closed\n", proc.stderr
+    out = tmp_path / "out.txt"
+    proc = _closed_streams_run(trained_model, f">&- -o {out}", "translate")
+    assert proc.returncode == 0 and out.read_text().count("\n") == 1, proc.stderr
+    proc = _closed_streams_run(trained_model, "2>&-", "translate")
+    assert proc.returncode == 0 and proc.stdout.count("\n") == 1 and "error" not in proc.stdout, proc.stdout
+
+
+def test_a_file_name_that_is_not_utf8_is_shown_escaped_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"seqtool", b"translate", b"-m",
+                           os.fsencode(tmp_path) + b"/\xff.safetensors"], input=b"a\n", capture_output=True,
+                          cwd=ROOT, timeout=300)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "model file not found" in err and "\\udcff.safetensors" in err
+
+
+def test_a_model_with_nan_weights_or_a_config_too_large_to_build_is_refused_as_damaged(trained_model, tmp_path,
+                                                                                       monkeypatch):
+    import torch
+
+    import seqtool.checkpoint
+    from seqtool.checkpoint import load_model, save_model
+
+    bundle = load_model(trained_model)
+    with torch.no_grad():
+        next(iter(bundle.model.parameters())).fill_(float("nan"))
+    save_model(tmp_path / "nan.safetensors", bundle)
+    proc = run_cli("translate", "-m", str(tmp_path / "nan.safetensors"), input="zuza.\n")
+    assert_one_line_error(proc, "damaged: 1 weight tensor(s) hold NaN or infinity")
+    assert proc.stdout == ""
+
+    def unbuildable(*args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(seqtool.checkpoint, "build_model", unbuildable)
+    assert_one_line_error(run_cli("info", str(trained_model)), "asks for a model too large for this machine's memory")
+
+
+def test_evaluate_without_a_metric_is_refused_before_translating(trained_model):
+    for metrics, match in ((",", "--metrics: no metric named; choose from bleu"),
+                           ("bleu,meteor", "--metrics: unknown metric 'meteor'")):
+        proc = run_cli("evaluate", "-m", str(trained_model), "--src", "/dev/null", "--ref", "/dev/null",
+                       "--metrics", metrics)
+        assert_one_line_error(proc, match, code=2)
