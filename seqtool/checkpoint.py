@@ -114,6 +114,16 @@ def _pack(tensors: dict[str, torch.Tensor], kind: str, meta: dict[str, Any]) -> 
     return st_save({k: v.cpu() for k, v in tensors.items()}, metadata=metadata)
 
 
+def _utf8_name(path: Path, fd: int) -> str:
+    """A name safetensors' reader can take (UTF-8 only) for `path`, open as `fd`: a path holding other bytes
+    (Python's surrogates for them) is read through its descriptor, as Linux names it."""
+    try:
+        str(path).encode("utf-8")
+        return str(path)
+    except UnicodeEncodeError:
+        return f"/proc/self/fd/{fd}"
+
+
 def _unpack(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and check a safetensors file of ours; everything else is one ModelFileError. safetensors' own
     reader (memory-mapped) parses the header and the tensors; the first 8 bytes are looked at first only so
@@ -136,7 +146,7 @@ def _unpack(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[
     if header_len > size - 8:
         raise ModelFileError(f"{path} is not a {what} file, or it is truncated")
     try:
-        with safe_open(path, framework="pt") as f:
+        with path.open("rb") as opened, safe_open(_utf8_name(path, opened.fileno()), framework="pt") as f:
             raw_meta = f.metadata() or {}
             if raw_meta.get("format") == kind and raw_meta.get("format_version") == str(FORMAT_VERSION):
                 tensors = {name: f.get_tensor(name) for name in f.keys()}

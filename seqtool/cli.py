@@ -735,11 +735,11 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit code, never a traceback."""
     _stand_in_for_closed_streams()
     # Text in and out is UTF-8 whatever the locale says (inputs are read as UTF-8 too): a C or Latin-1
-    # locale would fail on the first Chinese character written. A file name that is not UTF-8 reaches an
-    # error message with its bytes as surrogates: written as \udcff, not a UnicodeEncodeError.
-    for stream, errors in ((sys.stdout, "strict"), (sys.stderr, "backslashreplace")):
+    # locale would fail on the first Chinese character written. A file name that is not UTF-8 reaches a
+    # message or a model card with its bytes as surrogates: written as \udcff, not a UnicodeEncodeError.
+    for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
-            stream.reconfigure(encoding="utf-8", errors=errors)
+            stream.reconfigure(encoding="utf-8", errors="backslashreplace")
     # Python's last collection at exit walks every object alive, and torch's import alone leaves 170,000: 0.2 s of
     # every command (a one-line translate: 2.2 -> 2.0 s on 2 cores). Objects frozen just before it are skipped;
     # files are still flushed and closed and exit handlers still run.

@@ -280,13 +280,18 @@ def test_closed_standard_streams_are_one_line_or_harmless(trained_model, tmp_pat
     assert proc.returncode == 0 and proc.stdout.count("\n") == 1 and "error" not in proc.stdout, proc.stdout
 
 
-def test_a_file_name_that_is_not_utf8_is_shown_escaped_in_one_line(tmp_path):
+def test_a_file_name_that_is_not_utf8_is_shown_escaped_in_one_line_and_a_model_there_loads(trained_model, tmp_path):
     proc = subprocess.run([sys.executable.encode(), b"-m", b"seqtool", b"translate", b"-m",
                            os.fsencode(tmp_path) + b"/\xff.safetensors"], input=b"a\n", capture_output=True,
                           cwd=ROOT, timeout=300)
     err = proc.stderr.decode()
     assert proc.returncode == 1 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "model file not found" in err and "\\udcff.safetensors" in err
+    import shutil
+
+    shutil.copy(trained_model / "model.safetensors", os.fsencode(tmp_path) + b"/\xff.safetensors")
+    proc = run_cli("info", os.fsdecode(os.fsencode(tmp_path) + b"/\xff.safetensors"))  # a model there loads
+    assert proc.returncode == 0 and "parameters" in proc.stdout, proc.stderr
 
 
 def test_a_model_with_nan_weights_or_a_config_too_large_to_build_is_refused_as_damaged(trained_model, tmp_path,
