@@ -464,6 +464,9 @@ def evaluate(
     if hyp is not None:
         hyps = read_lines(hyp)
     elif srcs is not None and model:
+        for path, lines in zip(ref, refs):  # found now, not after translating them all
+            if len(lines) != len(srcs):
+                raise DataError(f"{path} has {len(lines)} lines but {src} has {len(srcs)}; they must be line-aligned")
         translator = _translator(model[0], overrides, flags, quiet, others=model[1:])
         hyps = [t.text for t in translator.translate(srcs)]
     else:
@@ -511,6 +514,8 @@ def score(
     from seqtool.device import pick_device
     from seqtool.score import Scorer, read_pairs_streamed
 
+    if src == tgt == "-":  # two files from one stream would pair line 1 with line 2, and so on
+        raise ConfigError("--src and --tgt cannot both be stdin ('-'); give one of them as a file")
     bundle = load_model(model)
     decoding = _decoding(bundle, [], {k: v for k, v in {"batch_size": batch_size, "device": device}.items()
                                       if v is not None})

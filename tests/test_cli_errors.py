@@ -322,3 +322,13 @@ def test_evaluate_without_a_metric_is_refused_before_translating(trained_model):
         proc = run_cli("evaluate", "-m", str(trained_model), "--src", "/dev/null", "--ref", "/dev/null",
                        "--metrics", metrics)
         assert_one_line_error(proc, match, code=2)
+
+
+def test_misaligned_evaluate_and_score_from_one_stdin_are_refused_before_any_work(trained_model, tmp_path):
+    (tmp_path / "src").write_text("zuza.\nzobo.\n")
+    (tmp_path / "ref").write_text("govo.\n")
+    proc = run_cli("evaluate", "-m", str(trained_model), "--src", str(tmp_path / "src"), "--ref", str(tmp_path / "ref"))
+    assert_one_line_error(proc, "ref has 1 lines but ")
+    assert "translated" not in proc.stderr
+    proc = run_cli("score", "-m", str(trained_model), "-s", "-", "-t", "-", input="zuza.\ngovo.\n")
+    assert_one_line_error(proc, "--src and --tgt cannot both be stdin", code=2)
