@@ -124,6 +124,10 @@ def stop_reason(cfg: TrainingConfig, progress: Progress, signal: Optional[str] =
     return ""
 
 
+def _not_a_file(path: str) -> str:
+    return f"{path} is a directory, not a file" if Path(path).is_dir() else f"file not found: {path}"
+
+
 def check_data_paths(cfg: Config) -> None:
     """All missing or unset training paths in one error."""
     d = cfg.data
@@ -135,18 +139,18 @@ def check_data_paths(cfg: Config) -> None:
         except DataError as exc:
             problems.append(str(exc))
         else:
-            problems += [f"data.train_{side}: file not found: {p}" for pair in pairs
+            problems += [f"data.train_{side}: {_not_a_file(p)}" for pair in pairs
                          for side, p in zip(("src", "tgt"), pair) if not Path(p).is_file()]
     for key in ("valid_src", "valid_tgt"):
         value = getattr(d, key)
         if value is not None and not Path(value).is_file():
-            problems.append(f"data.{key}: file not found: {value}")
+            problems.append(f"data.{key}: {_not_a_file(value)}")
     if (d.valid_src is None) != (d.valid_tgt is None):
         problems.append("data.valid_src and data.valid_tgt must be given together")
     own = cfg.tokenizer.model
     for path in [own] if isinstance(own, str) else own or []:
         if not Path(path).is_file():
-            problems.append(f"tokenizer.model: file not found: {path}")
+            problems.append(f"tokenizer.model: {_not_a_file(path)}")
             continue
         try:  # read now: a model seqtool cannot use is refused before the data are read
             Tokenizer.from_file(path)

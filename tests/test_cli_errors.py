@@ -32,6 +32,9 @@ def test_train_bad_values_and_missing_paths_reported_together(tmp_path):
     cfg = tiny_config(tmp_path / "m", data={"train_src": str(tmp_path / "nope.src")})
     proc = run_cli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg)))
     assert_one_line_error(proc, "data.train_src: file not found", code=2)
+    proc = run_cli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg)), "--src", str(tmp_path))
+    assert_one_line_error(proc, f"data.train_src: {tmp_path} is a directory, not a file", code=2)
+    assert not (tmp_path / "m").exists()
     proc = run_cli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg)), "--set", "model.dropout=1.5",
                    "--set", "decoding.beam_size=0")
     assert_one_line_error(proc, "model.dropout")
