@@ -208,6 +208,8 @@ def train_tokenizer(lines: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
             raise DataError(f"tokenizer.vocab_size {need.group(1)} is too small: this data needs at least "
                             f"{need.group(2)} pieces (its characters"
                             f"{', plus 256 byte pieces' if model_type in ('bpe', 'unigram') else ''})") from None
+        if "!sentences_.empty()" in str(exc):
+            raise DataError("no text to learn the tokenizer from: the input is empty or only blank lines") from None
         raise DataError(f"sentencepiece training failed: {str(exc).strip().splitlines()[-1]}") from None
     if failed:
         raise failed[0]

@@ -144,3 +144,13 @@ def test_an_own_tokenizer_that_seqtool_cannot_use_is_one_line(tmp_path):
         assert_one_line_error(run_cli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg))), match)
     cfg = tiny_config(tmp_path / "m", tokenizer={"model": [path, path]})  # a list means two sides: joint false
     assert_one_line_error(run_cli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg))), "[source, target]")
+
+
+def test_learning_a_tokenizer_from_no_text_says_so(tmp_path):
+    from conftest import run_cli
+    from test_cli_errors import assert_one_line_error
+
+    (tmp_path / "blank.txt").write_text("\n  \n\n")
+    proc = run_cli("tokenizer", "train", str(tmp_path / "blank.txt"), "-o", str(tmp_path / "t.model"))
+    assert_one_line_error(proc, "no text to learn the tokenizer from: the input is empty or only blank lines")
+    assert not (tmp_path / "t.model").exists()
