@@ -231,7 +231,7 @@ def translate(
         seqtool translate -m runs/seed1 -m runs/seed2 -m runs/seed3 test.src      (an ensemble)
     """
     flags = _decoding_flags(locals())
-    from seqtool.data import iter_lines, read_lines
+    from seqtool.data import iter_lines
     from seqtool.translate import parse_jsonl, translate_stream
 
     if fmt not in ("text", "json"):
@@ -244,10 +244,12 @@ def translate(
                         or not sys.stdin.isatty()):
         raise ConfigError("-i reads lines typed at a terminal and answers there: give it no input file, -o, "
                           "--input-format or --attention-plot (a file or a pipe is translated without -i)")
-    avoid = tuple(line for line in read_lines(avoid_file) if line.strip()) if avoid_file is not None else ()
+    avoid = [(n, line) for n, line in enumerate(iter_lines(avoid_file), 1) if line.strip()] if avoid_file else []
     translator = _translator(model[0], overrides, flags, quiet, verbose, attention or attention_plot is not None,
-                             pieces=fmt == "json", prefix=prefix or "", avoid=avoid, drop_prefix=drop_prefix,
-                             others=model[1:])
+                             pieces=fmt == "json", prefix=prefix or "", avoid=tuple(line for _, line in avoid),
+                             drop_prefix=drop_prefix, others=model[1:])
+    for n, phrase in avoid:  # each checked now, named by its own line (lines use them from the cache)
+        translator.spellings(phrase, "an avoided phrase", f"{avoid_file}:{n}")
     each = _attention_plotter(attention_plot) if attention_plot is not None else None
     if interactive:
         from seqtool.prompt import run_prompt

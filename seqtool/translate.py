@@ -176,7 +176,8 @@ class Translator:
                          lineno)
         d = self.decoding
         text = source.prefix or self.prefix
-        prefix = self._target(text, "the prefix", lineno) if text else ()
+        where = f"line {lineno}"
+        prefix = self._target(text, "the prefix", where) if text else ()
         positions, chars = None, None
         if source.length:  # no upper line to answer: every position free
             positions = (-1,) * source.length
@@ -195,33 +196,33 @@ class Translator:
         mirror, echo, tones = (couplet_controls(chars, len(positions), d, source.end_tone, len(prefix)) if positions
                                else (None,) * 3)
         spec = LineSpec(len(ids), positions, prefix,
-                        tuple(self._target(p, "a constraint", lineno) for p in source.constraints),
+                        tuple(self._target(p, "a constraint", where) for p in source.constraints),
                         tuple(spelled for p in (*source.avoid, *self.avoid)
-                              for spelled in self._spellings(p, "an avoided phrase", lineno)),
+                              for spelled in self.spellings(p, "an avoided phrase", where)),
                         mirror, tuple(self._target_id(c) for c in echo) if echo else None, tones)
         problem = line_problem(spec, d, self._free_banned) or prefix_problem(spec, d, self._vocab(spec))
         if problem:
             raise DataError(f"line {lineno}: {problem}")
         return Prepared(ids, spec)
 
-    def _target(self, text: str, what: str, lineno: int) -> tuple[int, ...]:
+    def _target(self, text: str, what: str, where: str) -> tuple[int, ...]:
         """A control's text in target ids; refused if the model could not produce it as given."""
         ids = self.tgt_tok.encode(text)
         shown = repr(text if len(text) <= 40 else text[:40] + "...")
         if not ids:
-            raise DataError(f"line {lineno}: {what} is empty")
+            raise DataError(f"{where}: {what} is empty")
         if UNK in ids:
-            raise DataError(f"line {lineno}: {what} {shown} holds a word or character the model's target "
+            raise DataError(f"{where}: {what} {shown} holds a word or character the model's target "
                             "vocabulary lacks")
         if set(ids) & set(self.tgt_tok.unsafe_ids):
-            raise DataError(f"line {lineno}: {what} {shown} holds a control character or a line break")
+            raise DataError(f"{where}: {what} {shown} holds a control character or a line break")
         return tuple(ids)
 
-    def _spellings(self, text: str, what: str, lineno: int) -> list[tuple[int, ...]]:
+    def spellings(self, text: str, what: str, where: str) -> list[tuple[int, ...]]:
         """A phrase to avoid in every spelling of it in pieces: a model may not spell it as the tokenizer does.
         Computed once per phrase: the same ones (an avoid file) come with every line."""
         if text not in self._spelled:
-            canonical = self._target(text, what, lineno)
+            canonical = self._target(text, what, where)
             unsafe = set(self.tgt_tok.unsafe_ids)
             self._spelled[text] = [canonical, *(tuple(ids) for ids in self.tgt_tok.spellings(text)[1:]
                                                 if not set(ids) & unsafe)]

@@ -277,6 +277,15 @@ def test_cli_prefix_flag_drop_prefix_and_avoid_file(trained_model, tmp_path):
                    check=True).stdout
     assert len(free.splitlines()) == 8 and not any(has_words(free, w) for w in ("voba", "govo"))
     assert {"voba", "govo"} & set(" ".join(plain).split())  # they were there to avoid
+    avoid.write_text("voba\n\nvo\tba\n")  # line 3: a tab, which no output may hold
+    for stdin in (src, "\n\n"):  # checked before any line, named by the avoid file's own line
+        proc = run_cli("translate", "-m", str(trained_model), "--avoid-file", str(avoid), input=stdin)
+        assert proc.returncode == 1 and proc.stdout == "", proc.stdout
+        assert proc.stderr.splitlines() == [f"seqtool: error: {avoid}:3: an avoided phrase 'vo\\tba' holds a "
+                                            "control character or a line break"], proc.stderr
+    avoid.write_text("")  # nothing to avoid
+    assert run_cli("translate", "-m", str(trained_model), "-q", "--avoid-file", str(avoid), input=src,
+                   check=True).stdout.splitlines() == plain
 
 
 @pytest.mark.parametrize("stdin, message", [
