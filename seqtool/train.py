@@ -626,6 +626,22 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
     return trainer
 
 
+def _prepared(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks, precision: Precision) -> Trainer:
+    """`prepare`; a model dir it made is removed again if it fails before writing anything there (a tokenizer
+    that cannot train, data that filter to nothing): no empty dir is left to puzzle over."""
+    model_dir = Path(cfg.training.model_dir)
+    existed = model_dir.exists()
+    try:
+        return prepare(cfg, reporter, resume, ranks, precision)
+    except BaseException:
+        if not existed and ranks.main:
+            try:
+                model_dir.rmdir()  # only if still empty
+            except OSError:
+                pass
+        raise
+
+
 def restarted_job_resumes(cfg: Config) -> bool:
     """torchrun started this job's workers again after one died (--max-restarts): they resume from the checkpoint
     the job saved, if it saved one (else they start afresh). A state another job saved is refused as usual."""
@@ -671,7 +687,7 @@ def run_training(cfg: Config, resume: bool = False, quiet: bool = False, verbose
             resume = True
             reporter.log(f"the launcher restarted the workers (restart {restarts()[0]} of {restarts()[1]}) after one "
                          f"stopped: resuming from the job's last checkpoint")
-        trainer = prepare(cfg, reporter, resume, ranks, precision)
+        trainer = _prepared(cfg, reporter, resume, ranks, precision)
         reporter.log(f"training on {precision.device} in {precision.name} ({precision.why})")
         reason = trainer.run()
     except SeqtoolError as exc:

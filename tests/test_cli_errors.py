@@ -48,6 +48,11 @@ def test_train_misaligned_files(tmp_path):
                                             "valid_src": None, "valid_tgt": None})
     proc = run_cli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg)))
     assert_one_line_error(proc, "has 5 lines but")
+    assert not (tmp_path / "m").exists()  # a run that fails before writing anything leaves no empty dir
+    cfg["data"]["train_tgt"] = str(tmp_path / "a")
+    proc = run_cli("train", "-q", "-c", str(write_config(tmp_path / "c.yaml", cfg)), "--set", "tokenizer.vocab_size=10")
+    assert_one_line_error(proc, "tokenizer.vocab_size 10 is too small")
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("args,match", [
