@@ -345,8 +345,8 @@ def parse_override(expr: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set expects section.key=value, got {expr!r}")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {key}: cannot parse value {value!r}") from None
+    except (yaml.YAMLError, ValueError):  # ValueError: an integer past Python's 4,300 digits
+        raise ConfigError(f"--set {key}: cannot parse value {SHOWN.repr(value)}") from None
     return parts, parsed
 
 
@@ -381,6 +381,8 @@ def load_config(path: Optional[str | Path], overrides: Sequence[str] = (),
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             where = f" (line {line + 1})" if line is not None else ""
             raise ConfigError(f"{path}: not valid YAML{where}") from None
+        except ValueError:  # int() of a number past Python's 4,300 digits
+            raise ConfigError(f"{path}: a number in it is too long (over 4,300 digits)") from None
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")

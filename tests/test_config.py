@@ -49,6 +49,12 @@ def test_out_of_range_seeds_and_threads_and_huge_values_are_short_errors(tmp_pat
         "training: {seed: *i}\n")
     with pytest.raises(ConfigError, match="more than 100,000 values"):
         load_config(bomb)
+    long = tmp_path / "long.yaml"
+    long.write_text(f"training: {{seed: {'9' * 5000}}}\n")
+    with pytest.raises(ConfigError, match="a number in it is too long"):
+        load_config(long)
+    with pytest.raises(ConfigError, match="--set training.seed: cannot parse value '99999"):
+        load_config(None, [f"training.seed={'9' * 5000}"])
 
 
 def test_metric_names_checked_at_load():
