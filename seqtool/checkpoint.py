@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import struct
 import tempfile
@@ -33,11 +34,19 @@ STEP_FILE = "step{:08d}.safetensors"  # with training.keep_last: the model at ea
 STATE_FILE = "train_state.safetensors"  # last model + optimizer, schedule, step, RNG: for --resume
 
 
+# Names of a process's open descriptors (/dev/stdout, /proc/self/fd/1): whatever the shell opened there, a
+# plain file too (`>> log.txt`), is written where it stands, as the shell's own redirection would be.
+DESCRIPTOR = re.compile(r"/dev/(stdout|stderr|fd/\d+)|/proc/(self|thread-self|\d+)/fd/\d+")
+
+
 def write_target(path: Path) -> tuple[Path, bool]:
     """(Where a write to `path` lands, whether it may go through a temporary file renamed over it.) A symlink is
-    followed, so the link stays a link and its target gets the new content; a FIFO, a device (/dev/stdout,
-    /dev/null) or a socket is written in place: a rename would replace it with a plain file, the reader
-    waiting on it would get nothing, and /dev/null would be gone."""
+    followed, so the link stays a link and its target gets the new content; a FIFO, a device (/dev/null), a
+    socket or a descriptor's name (DESCRIPTOR) is written in place, appending: a rename would replace it with a
+    plain file (losing what `>>` kept in it), the reader waiting on it would get nothing, and /dev/null
+    would be gone."""
+    if DESCRIPTOR.fullmatch(str(path)):
+        return path, False
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return path, False
@@ -55,7 +64,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     tmp = None
     if not replaceable:
         try:
-            with open(path, "wb") as f:
+            with open(path, "ab") as f:
                 f.write(data)
             return
         except OSError as exc:

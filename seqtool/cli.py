@@ -350,9 +350,9 @@ def _translate_to_file(translator, lines, output: Path, fmt: str, each) -> int:
     from seqtool.translate import translate_stream
 
     output, replaceable = write_target(output)
-    if not replaceable:  # a FIFO or a device: lines go straight in, as with stdout
+    if not replaceable:  # a FIFO, a device, /dev/stdout: lines go straight in, as with stdout
         try:
-            with open(output, "w", encoding="utf-8") as out:
+            with open(output, "a", encoding="utf-8") as out:
                 return translate_stream(translator, lines, out, fmt, each)
         except OSError as exc:
             raise SeqtoolError(f"cannot write {output}: {exc.strerror}") from None

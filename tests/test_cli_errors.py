@@ -248,8 +248,8 @@ def test_output_is_utf8_whatever_the_locale(trained_model):
 
 
 def test_output_through_a_symlink_or_into_a_fifo_keeps_what_it_is(trained_model, tmp_path):
-    """-o LINK writes the link's target and leaves the link; -o FIFO feeds the reader on it (a rename over them
-    made plain files of both, and of /dev/null too when run as root)."""
+    """-o LINK writes the link's target and leaves the link; -o FIFO feeds the reader on it; -o /dev/stdout
+    appends to what the shell opened (a rename over them made plain files of all, of /dev/null too as root)."""
     import threading
 
     alone = run_cli("translate", "-m", str(trained_model), "-b", "1", input="zuza.\nzobo.\n", check=True).stdout
@@ -266,6 +266,12 @@ def test_output_through_a_symlink_or_into_a_fifo_keeps_what_it_is(trained_model,
     run_cli("translate", "-m", str(trained_model), "-b", "1", "-o", str(fifo), input="zuza.\nzobo.\n", check=True)
     reader.join(timeout=60)
     assert got == [alone] and fifo.is_fifo()
+    log = tmp_path / "log.txt"
+    log.write_text("kept\n")
+    proc = subprocess.run(["bash", "-c", f"{sys.executable} -m seqtool translate -m {trained_model} -b 1 -q "
+                           f"-o /dev/stdout >> {log}"], input="zuza.\nzobo.\n", capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0 and log.read_text() == "kept\n" + alone, proc.stderr  # as the shell's >> would
 
 
 def _closed_streams_run(trained_model, redirect: str, *args: str) -> subprocess.CompletedProcess:
