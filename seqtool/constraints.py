@@ -16,7 +16,7 @@ Token ids are the search's: with a shortlist, positions in its sorted ids (`spac
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple, Optional, cast
 
@@ -244,7 +244,7 @@ class Include(Constraint):
     ranks: ClassVar[bool] = True
     phrases: list[tuple[Phrase, ...]]  # per sentence
     runs: list[list[tuple[int, int]]]  # per sentence: [start, end) of each run of free steps
-    glue: Optional[torch.Tensor] = None  # (V,) bool: tokens that continue a word, banned right after a phrase
+    glue: frozenset[int] = frozenset()  # tokens that continue a word, banned right after a phrase
     states: Optional[list[State]] = None  # per row
     memo: dict = field(default_factory=dict)  # shared by the copies `select` makes: everything here is pure
 
@@ -261,7 +261,7 @@ class Include(Constraint):
 
     def _transition(self, sent: int, state: State, token: int) -> State:
         met, tail, pending, wider = state
-        if pending and token in self._glued():  # the word goes on: the phrases the last token completed are not met
+        if pending and token in self.glue:  # the word goes on: the phrases the last token completed are not met
             met, tail = met & ~pending, wider
         seen = tail + (token,)  # `tail` is long enough to hold any unmet phrase but its last token
         done = sum(1 << i for i, p in enumerate(self.phrases[sent]) if not met >> i & 1 and seen[-len(p):] == p)
@@ -274,10 +274,6 @@ class Include(Constraint):
         start = next((k for k in range(len(seen))
                       if any(len(seen) - k < len(p) and p[: len(seen) - k] == seen[k:] for p in unmet)), len(seen))
         return seen[start:]
-
-    def _glued(self) -> frozenset[int]:
-        return self._cached(("glue",), lambda: frozenset(
-            () if self.glue is None else self.glue.nonzero().squeeze(1).tolist()))
 
     def _unmet(self, sent: int, met: int) -> list[Phrase]:
         return [p for i, p in enumerate(self.phrases[sent]) if not met >> i & 1]
@@ -363,7 +359,7 @@ class Include(Constraint):
         glued = []
         for row, s in enumerate(sents.tolist()):
             state = self._state(row)
-            if state.pending and self.glue is not None and self._room(s, t)[0]:  # a phrase just ended: so must
+            if state.pending and self.glue and self._room(s, t)[0]:  # a phrase just ended: so must
                 glued.append(row)  # its word (where no other rule forces the token; _transition sees to that)
             if not self.needs(s, state)[0]:
                 continue
@@ -378,9 +374,13 @@ class Include(Constraint):
             keep[rows, tokens] = True
             forced_rows = torch.tensor(sorted(set(rows)), device=lp.device)
             lp[forced_rows] = lp[forced_rows].masked_fill(~keep[forced_rows], NEG)
-        if glued:
+        if glued:  # the ban yields where it would leave no token (a phrase may go on with one: 6 then 4 6 5)
             index = torch.tensor(glued, device=lp.device)
-            lp[index] = lp[index].masked_fill(self.glue, NEG)
+            columns = self._cached(("glue", lp.device), lambda: torch.tensor(sorted(self.glue), device=lp.device))
+            rows = lp[index]
+            banned = rows.index_fill(1, columns, NEG)
+            dead = torch.isneginf(banned.max(dim=-1).values)
+            lp[index] = torch.where(dead.unsqueeze(1), rows, banned)
         return lp
 
     def select(self, index, tokens, sents):
@@ -455,9 +455,10 @@ class LineSpec:
         out[: len(self.prefix)] = self.prefix  # line_problem refused a prefix that disagrees with the positions
         return out
 
-    def needed(self) -> int:
-        """Tokens the prefix and the phrases not already inside it take."""
-        return len(self.prefix) + sum(len(p) for p in self.include if not _contains(self.prefix, p))
+    def needed(self, glue: Collection[int] = ()) -> int:
+        """Tokens the prefix and the phrases it does not already hold take (held: not followed by a `glue` token,
+        which would continue its word)."""
+        return len(self.prefix) + sum(len(p) for p in self.include if not _holds(self.prefix, p, glue))
 
     def required_tokens(self) -> list[int]:
         """Tokens the output must be able to produce (a shortlist keeps them)."""
@@ -470,26 +471,35 @@ def _contains(seq: Sequence[int], phrase: Sequence[int]) -> bool:
     return any(tuple(seq[i:i + n]) == tuple(phrase) for i in range(len(seq) - n + 1))
 
 
+def _holds(seq: Sequence[int], phrase: Sequence[int], glue: Collection[int]) -> bool:
+    """Whether `seq` holds `phrase` as Include counts it: somewhere not followed by a glue token."""
+    n = len(phrase)
+    return any(tuple(seq[i:i + n]) == tuple(phrase) and (i + n == len(seq) or seq[i + n] not in glue)
+               for i in range(len(seq) - n + 1))
+
+
 def _repeats_ngram(seq: Sequence[int], n: int) -> bool:
     grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
     return len(grams) != len(set(grams))
 
 
-def length_limit(line: LineSpec, d: DecodingConfig) -> int:
+def length_limit(line: LineSpec, d: DecodingConfig, glue: Collection[int] = ()) -> int:
     """Steps of the search for this line: exact length + EOS, else max_len_a * n + max_len_b (at most
     max_len), stretched by max_len_b beyond what a prefix and phrases need."""
     if line.positions is not None:
         return len(line.positions) + 1
     limit = max(1, int(d.max_len_a * line.src_len + d.max_len_b))
-    need = line.needed()
+    need = line.needed(glue)
     if need:
         limit = max(limit, need + d.max_len_b)
     return min(limit, d.max_len) if d.max_len else limit
 
 
-def line_problem(line: LineSpec, d: DecodingConfig, free_banned: Sequence[int] = ()) -> Optional[str]:
+def line_problem(line: LineSpec, d: DecodingConfig, free_banned: Sequence[int] = (),
+                 glue: Collection[int] = ()) -> Optional[str]:
     """Why this line's controls cannot all be met, or None. Checked before the search, so that a
-    request that cannot be met gets a clear answer rather than an output that quietly breaks it."""
+    request that cannot be met gets a clear answer rather than an output that quietly breaks it.
+    `free_banned`: copied punctuation; `glue`: tokens that continue a word (Vocab's)."""
     for p in line.include:
         for a in line.avoid:
             if len(a) <= len(p) and _contains(p, a):
@@ -513,18 +523,19 @@ def line_problem(line: LineSpec, d: DecodingConfig, free_banned: Sequence[int] =
                 return f"the prefix's token {t + 1} falls where the input's punctuation is copied"
             if line.positions[t] < 0 and tok in punctuation:
                 return f"the prefix's token {t + 1} is punctuation where the input has none"
-    elif line.needed() > length_limit(line, d):
-        return f"the prefix and constraints need {line.needed()} tokens, more than decoding.max_len {d.max_len}"
-    if line.include and not _fits(line, d):
-        free = sum(end - start for start, end in free_runs(line.fixed(), length_limit(line, d)))
+    elif line.needed(glue) > length_limit(line, d, glue):
+        return f"the prefix and constraints need {line.needed(glue)} tokens, more than decoding.max_len {d.max_len}"
+    if line.include and not _fits(line, d, glue):
+        free = sum(end - start for start, end in free_runs(line.fixed(), length_limit(line, d, glue)))
         return (f"the constraints ({sum(len(p) for p in line.include)} tokens) do not fit in the {free} free positions "
                 "of the exact-length output, each phrase between two punctuation marks")
     return None
 
 
-def _fits(line: LineSpec, d: DecodingConfig) -> bool:
+def _fits(line: LineSpec, d: DecodingConfig, glue: Collection[int]) -> bool:
     """Whether the phrases can be placed after the prefix (which may already hold some of them)."""
-    include = Include([tuple(dict.fromkeys(line.include))], [free_runs(line.fixed(), length_limit(line, d))])
+    include = Include([tuple(dict.fromkeys(line.include))], [free_runs(line.fixed(), length_limit(line, d, glue))],
+                      frozenset(glue))
     state = START
     for tok in line.prefix:
         state = include.transition(0, state, tok)
@@ -547,7 +558,7 @@ def make_rules(lines: Sequence[LineSpec], d: DecodingConfig, vocab: Vocab, space
     """The rules of a batch of lines that passed `line_problem`. With a shortlist, `space` holds its sorted
     target ids and the rules are over positions in it."""
     to = _Space(vocab.size, space, device)
-    limits = [length_limit(line, d) for line in lines]
+    limits = [length_limit(line, d, vocab.glue) for line in lines]
     banned = cast(torch.Tensor, to.mask([PAD, BOS, UNK, *vocab.banned]))  # a list never empty: never None
     rules: list[Constraint] = [Banned(banned.nonzero().squeeze(1))]
     mins = [len(line.positions) if line.positions is not None else min(d.min_len, limit)
@@ -563,7 +574,8 @@ def make_rules(lines: Sequence[LineSpec], d: DecodingConfig, vocab: Vocab, space
     if any(line.include for line in lines):
         phrases = [tuple(dict.fromkeys(tuple(to.ids(p)) for p in line.include)) for line in lines]
         assert all(min(p) >= 0 for line in phrases for p in line), "a constraint token is not in the shortlist"
-        rules.append(Include(phrases, [free_runs(f, limit) for f, limit in zip(fixed, limits)], to.mask(vocab.glue)))
+        rules.append(Include(phrases, [free_runs(f, limit) for f, limit in zip(fixed, limits)],
+                             frozenset(i for i in to.ids(vocab.glue) if i >= 0)))
     if any(line.mirror for line in lines):
         rules.append(Mirror(_table([line.mirror or () for line in lines], device)))
     if any(line.echo for line in lines):

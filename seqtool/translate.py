@@ -200,7 +200,8 @@ class Translator:
                         tuple(spelled for p in (*source.avoid, *self.avoid)
                               for spelled in self.spellings(p, "an avoided phrase", where)),
                         mirror, tuple(self._target_id(c) for c in echo) if echo else None, tones)
-        problem = line_problem(spec, d, self._free_banned) or prefix_problem(spec, d, self._vocab(spec))
+        problem = line_problem(spec, d, self._free_banned, self.tgt_tok.glue_ids) or \
+            prefix_problem(spec, d, self._vocab(spec))
         if problem:
             raise DataError(f"line {lineno}: {problem}")
         return Prepared(ids, spec)

@@ -181,6 +181,34 @@ def test_a_prefix_that_holds_a_phrase_inside_a_word_keeps_the_word_and_places_th
         assert any(tok == 10 and h.tokens[i + 1:i + 2] != [11] for i, tok in enumerate(h.tokens[4:], 4)), h.tokens
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(4, 9), min_size=1, max_size=6),
+       st.lists(st.lists(st.integers(4, 9), min_size=1, max_size=3).map(tuple), min_size=1, max_size=3),
+       st.sets(st.integers(4, 9), max_size=3), st.lists(st.integers(4, 9), max_size=3), models)
+def test_every_line_accepted_with_glue_comes_out_complete_and_meets_its_phrases(src, include, glue, prefix, which):
+    """Whatever continues a word: the glue ban yields where it would leave no token (phrases (6,) and (4, 6, 5),
+    glue {5}: after 4 6, only 5 goes on), and a prefix holds a phrase only where its word ends there."""
+    include = list(dict.fromkeys(include))
+    assume(not any(p[0] in glue for p in include))  # a phrase begins a word: the tokenizer writes it with ▁ first
+    d = DecodingConfig(max_len_a=1.5, max_len_b=4)
+    assume(line_problem(LineSpec(len(src), None, tuple(prefix), tuple(include)), d, glue=glue) is None)
+    for kind in ("greedy", "beam"):
+        (hyps,) = decode(kind, 3, [src], which, [{"prefix": tuple(prefix), "include": include, "avoid": []}],
+                         glue=sorted(glue))
+        for h in hyps:
+            assert h.complete and h.tokens[:len(prefix)] == prefix, (h.tokens, include, glue)
+            assert all(any(tuple(h.tokens[i:i + len(p)]) == p and h.tokens[i + len(p):i + len(p) + 1] not in
+                           [[g] for g in glue] for i in range(len(h.tokens))) for p in include), (h.tokens, include)
+
+
+def test_a_prefix_holding_a_phrase_only_inside_a_word_needs_room_for_it_after():
+    d = DecodingConfig(max_len_a=1.5, max_len_b=4, max_len=2)
+    spec = LineSpec(3, None, (10, 11), ((10,),))  # 'Bavo' holds 'Ba' only as the start of a longer word
+    assert line_problem(spec, d) is None and spec.needed() == 2
+    assert spec.needed(glue=[11]) == 3
+    assert "need 3 tokens, more than decoding.max_len 2" in line_problem(spec, d, glue=[11])
+
+
 def test_ngram_blocking_yields_to_a_phrase_that_must_appear():
     """no_repeat_ngram 1 forbids any token twice; a prefix of 9 and a phrase (9, 10) need 9 twice:
     the blocking (a heuristic) gives way, the constraint (a request) does not."""
