@@ -50,6 +50,8 @@ def iter_lines(path: str | Path) -> Iterator[str]:
     try:
         for lineno, raw in enumerate(f, 1):
             yield decode_line(raw, name, lineno)
+    except OSError as exc:  # mid-file (a closed stdin, a failing disk): a reading error, not the output's
+        raise DataError(f"cannot read {name}: {exc.strerror or exc}") from None
     finally:
         if f is not sys.stdin.buffer:
             f.close()

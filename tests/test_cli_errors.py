@@ -284,7 +284,10 @@ def test_closed_standard_streams_are_one_line_or_harmless(trained_model, tmp_pat
     """Started with stdin or stdout closed (`<&-`, `>&-`): one line and exit 1, as the shell's own `echo >&-`;
     with stderr closed the work is done (and nothing lands on stdout but the output)."""
     proc = _closed_streams_run(trained_model, "<&-", "translate")
-    assert proc.returncode == 1 and proc.stderr == "seqtool: error: standard input is closed\n", proc.stderr
+    assert proc.returncode == 1 and proc.stderr == "seqtool: error: cannot read <stdin>: standard input is closed\n"
+    out = tmp_path / "in-closed.txt"
+    proc = _closed_streams_run(trained_model, f"<&- -o {out}", "translate")  # the input's error, not the output's
+    assert proc.returncode == 1 and proc.stderr == "seqtool: error: cannot read <stdin>: standard input is closed\n"
     proc = _closed_streams_run(trained_model, ">&-", "translate")
     assert proc.returncode == 1 and proc.stderr == "seqtool: error: standard output is closed\n", proc.stderr
     out = tmp_path / "out.txt"
