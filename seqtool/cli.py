@@ -654,8 +654,8 @@ def serve(
     from seqtool.serve import make_app
     from seqtool.serve import serve as run_server
 
-    if max_lines < 1 or wait_ms < 0 or max_queue < max_lines:
-        raise ConfigError("--max-lines must be at least 1, --batch-wait-ms at least 0 "
+    if max_lines < 1 or not 0 <= wait_ms <= 10_000 or max_queue < max_lines:  # inf: every request would wait forever
+        raise ConfigError("--max-lines must be at least 1, --batch-wait-ms 0 to 10,000 "
                           "and --max-queue at least --max-lines")
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port must be a TCP port, 1 to 65535, not {port}")

@@ -90,7 +90,8 @@ def sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: 
     generator = torch.Generator().manual_seed(seed)
 
     def pick(lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = lp / temperature
+        # In fp64, from each row's best: a tiny temperature (1e-300 is 0 in fp32) gives the best 0, not NaN.
+        logits = (lp.double() - lp.max(dim=-1, keepdim=True).values.double()) / temperature
         if top_k:
             kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, NEG)
@@ -98,6 +99,7 @@ def sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: 
             ordered, order = logits.sort(dim=-1, descending=True)
             probs = torch.softmax(ordered, dim=-1)
             outside = probs.cumsum(dim=-1) - probs >= top_p  # keep the smallest head with mass >= top_p
+            outside[:, 0] = False  # the best token at least, whatever p underflows to
             logits = torch.full_like(logits, NEG).scatter(1, order, ordered.masked_fill(outside, NEG))
         # Drawn on the CPU, where the seeded generator lives: the same draws on every device.
         probs = torch.softmax(logits.float(), dim=-1).cpu()

@@ -349,3 +349,9 @@ def test_misaligned_evaluate_and_score_from_one_stdin_are_refused_before_any_wor
     assert "translated" not in proc.stderr
     proc = run_cli("score", "-m", str(trained_model), "-s", "-", "-t", "-", input="zuza.\ngovo.\n")
     assert_one_line_error(proc, "--src and --tgt cannot both be stdin", code=2)
+
+
+def test_serve_refuses_a_batch_wait_that_would_hold_every_request_forever(trained_model):
+    for wait in ("inf", "1e9", "-1"):
+        proc = run_cli("serve", "-m", str(trained_model), "--batch-wait-ms", wait)
+        assert_one_line_error(proc, "--batch-wait-ms 0 to 10,000", code=2)

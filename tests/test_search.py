@@ -144,6 +144,8 @@ def test_top_p_keeps_the_smallest_head_reaching_p():
     lp = torch.tensor([[0.5, 0.25, 0.25]]).log().repeat(400, 1)
     assert set(sampler(top_p=0.5, seed=0)(lp)[1].tolist()) == {0}
     assert set(sampler(top_p=0.51, seed=0)(lp)[1].tolist()) == {0, 1}
+    for tiny in ({"temperature": 1e-300}, {"top_p": 1e-300}):  # fp32 zero: the best token, not NaN probabilities
+        assert set(sampler(**tiny, seed=0)(lp)[1].tolist()) == {0}
 
 
 def test_sampling_explores():
