@@ -24,7 +24,7 @@ def run_prompt(translator: Translator, fmt: str, err: Callable[[str], None], out
     # The prompt goes where the user looks: with stdout redirected, to stderr, so the output file holds
     # translations only.
     prompt = "> " if out.isatty() else ""
-    n = 0
+    n = typed = 0
     while True:
         if not prompt:
             sys.stderr.write("> ")
@@ -37,10 +37,11 @@ def run_prompt(translator: Translator, fmt: str, err: Callable[[str], None], out
         except KeyboardInterrupt:
             sys.stderr.write("\n")
             continue
+        typed += 1  # errors name the line as typed, counting empty ones, as a file's are counted
         if not line.strip():
             continue
         try:
-            [t] = translator.translate([line])
+            [t] = translator.translate([line], first_lineno=typed)
         except SeqtoolError as exc:
             err(f"error: {exc}")
             continue

@@ -336,3 +336,32 @@ def test_long_reverse_config_trains_an_unclipped_elman_rnn_with_a_pooled_context
     assert all(r["train_grad_norm"] > 0 and r["train_clipped"] == 0 for r in records)
     card = json.loads(run_cli("info", str(model_dir), "--json", check=True).stdout)
     assert "context every_step, c = mean" in card["architecture"] and card["config"]["model"]["cell"] == "rnn"
+
+
+def test_the_prompt_names_a_bad_line_by_its_place_and_goes_on(monkeypatch):
+    """The third line typed (an empty one counted) is the one the error names; the lines after it are answered."""
+    import builtins
+    import io
+
+    from seqtool.errors import DataError
+    from seqtool.prompt import run_prompt
+    from seqtool.translate import Translation
+
+    class Echo:
+        def translate(self, lines, first_lineno=1):
+            if lines == ["bad"]:
+                raise DataError(f"line {first_lineno}: a constraint cannot be met")
+            return [Translation(lines[0].upper())]
+
+    typed = iter(["a", "", "bad", "b"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(typed)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    errors, out = [], io.StringIO()
+    assert run_prompt(Echo(), "text", errors.append, out) == 2
+    assert out.getvalue() == "A\nB\n" and errors == ["error: line 3: a constraint cannot be met"]
