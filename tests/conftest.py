@@ -38,7 +38,7 @@ def run_cli(*args: str, input: str | bytes | None = None, cwd: Path | None = Non
     launcher keeps signal handlers)."""
     if env or "--nproc" in args:
         text = not isinstance(input, bytes)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}  # env may set it back to "" (buffered)
         proc = subprocess.run([sys.executable, "-m", "seqtool", *args], input=input, capture_output=True, text=text,
                               cwd=cwd or ROOT, timeout=timeout, env=env)
     else:

@@ -71,6 +71,21 @@ def test_nproc_reports_user_errors_once(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "file not found" in proc.stderr
 
 
+def test_a_rank_leaves_with_its_output_and_exit_code(trained_model, tmp_path):
+    """A rank of a torchrun job ends without the interpreter's teardown (gloo's threads outlive the process group
+    and now and then abort it there): what it printed still arrives, flushed, and its exit code is kept."""
+    rank = {"WORLD_SIZE": "2", "RANK": "1", "PYTHONUNBUFFERED": ""}  # stdout buffered, as a pipe's is by default
+    plain = run_cli("info", str(trained_model), "--json", check=True)
+    ranked = run_cli("info", str(trained_model), "--json", env=rank)
+    assert ranked.returncode == 0 and ranked.stdout == plain.stdout and json.loads(ranked.stdout)
+    missing = run_cli("info", str(tmp_path / "none"), env=rank)
+    plain = run_cli("info", str(tmp_path / "none"))
+    assert missing.returncode == plain.returncode == 1 and missing.stdout == ""
+    assert missing.stderr == plain.stderr.replace("error:", "error (rank 1):", 1) and missing.stderr.count("\n") == 1
+    usage = run_cli("info", "--bogus", env=rank)
+    assert usage.returncode == 2 and "No such option" in usage.stderr
+
+
 @pytest.mark.parametrize("n, world", [(5, 2), (1, 2), (7, 3), (4, 4)])
 def test_shares_cover_the_batch_once(n, world):
     idx = list(range(100, 100 + n))
