@@ -234,7 +234,7 @@ def make_app(translator: Translator, card: dict, max_lines: int = 1000, max_body
             try:
                 decoding = DecodingConfig.model_validate({**translator.decoding.model_dump(), **given})
             except ValidationError as exc:
-                raise SeqtoolError(f"options.{_one_line(exc)}") from None
+                raise SeqtoolError(_one_line(exc, "options")) from None
             if len(variants) >= 64:
                 variants.clear()
             variants[key] = translator if decoding == translator.decoding and not options.attention else \
@@ -346,13 +346,14 @@ def _page_file(name: str, media: str):
     return page
 
 
-def _one_line(exc: ValidationError) -> str:
-    """The first problem of a request body, e.g. 'lines.0.prefix: Input should be a valid string'. A line
-    is a string or an object: for an object, the object's problem, not that it is no string."""
+def _one_line(exc: ValidationError, within: str = "") -> str:
+    """The first problem of a request body, or of its part `within`, e.g. 'lines.0.prefix: Input should be a
+    valid string'. A line is a string or an object: for an object, the object's problem, not that it is no
+    string. A check across fields (nbest with sample) has no place of its own: it is the whole's."""
     errors = exc.errors()
     first = next((e for e in errors if not (e["loc"][-1:] == ("str",) and isinstance(e["input"], dict))), errors[0])
-    where = ".".join(str(p) for p in first["loc"] if p not in ("str", "Line")) or "body"
-    return f"{where}: {first['msg']}"
+    where = ".".join(([within] if within else []) + [str(p) for p in first["loc"] if p not in ("str", "Line")])
+    return f"{where or 'body'}: {first['msg'].removeprefix('Value error, ')}"
 
 
 def check_port(host: str, port: int) -> None:
