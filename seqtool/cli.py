@@ -280,8 +280,8 @@ def translate(
 
 @app.command()
 def poem(
-    input: str = typer.Argument("-", help="File of heads strings, one poem per line; '-' or nothing reads stdin "
-                                "(unless --heads)."),
+    input: str = typer.Argument("-", help="File of heads strings, one poem per line (a blank line: an empty poem, "
+                                "in place); '-' or nothing reads stdin (unless --heads)."),
     first: Path = typer.Option(..., "--first",
                                help="The first-line model: a head character -> a line (configs/poem_first.yaml)."),
     next_model: Path = typer.Option(..., "--next", help="The next-line model: a line -> the line answering it "
@@ -322,7 +322,9 @@ def poem(
     poet = Poet(_translator(first, [], flags, quiet), _translator(next_model, overrides, flags, quiet), tones)
     texts = [heads] if heads is not None else iter_lines(input)
     for n, text in enumerate(texts, 1):
-        lines = poet.write([text], chars, n)[0]
+        # A blank line in a file is an empty poem in its place, so the poems stay aligned with their lines (as
+        # translate keeps empty lines); --heads "" asked for one poem and names the mistake.
+        lines = poet.write([text], chars, n)[0] if text.strip() or heads is not None else []
         if fmt == "json":
             print(json.dumps({"heads": text, "lines": lines}, ensure_ascii=False), flush=True)
         else:
@@ -405,6 +407,8 @@ def _attention_plotter(folder: Path):
     """A per-line callback that saves FOLDER/LINE.png for each non-empty line."""
     from seqtool.plot import plot_attention
 
+    if folder.exists() and not folder.is_dir():  # mkdir would say only "File exists"
+        raise SeqtoolError(f"--attention-plot takes a folder (one picture per line); {folder} is a file")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -562,6 +566,9 @@ def average(
 
     if last < 1:
         raise SeqtoolError("--last must be at least 1")
+    if not model_dir.is_dir():  # a glob in a missing dir, or in a file, finds nothing: say which it is
+        raise SeqtoolError(f"{model_dir} is a file, not a run's folder" if model_dir.exists()
+                           else f"run folder not found: {model_dir}")
     paths = step_models(model_dir)[-last:]
     if not paths:
         raise SeqtoolError(f"no step*.safetensors checkpoints in {model_dir}; train with --set training.keep_last=N")

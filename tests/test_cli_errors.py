@@ -355,3 +355,19 @@ def test_serve_refuses_a_batch_wait_that_would_hold_every_request_forever(traine
     for wait in ("inf", "1e9", "-1"):
         proc = run_cli("serve", "-m", str(trained_model), "--batch-wait-ms", wait)
         assert_one_line_error(proc, "--batch-wait-ms 0 to 10,000", code=2)
+
+
+def test_average_names_a_missing_run_folder_or_a_file_given_for_one(tmp_path):
+    (tmp_path / "m.safetensors").write_bytes(b"x")
+    out = str(tmp_path / "avg.safetensors")
+    assert_one_line_error(run_cli("average", str(tmp_path / "nope"), "-o", out), "run folder not found: ", code=1)
+    assert_one_line_error(run_cli("average", str(tmp_path / "m.safetensors"), "-o", out), "is a file, not a run's")
+    assert_one_line_error(run_cli("average", str(tmp_path), "-o", out), "no step*.safetensors checkpoints in")
+
+
+def test_attention_plot_at_a_file_says_it_takes_a_folder(trained_model, tmp_path):
+    plot = tmp_path / "plot"
+    plot.write_text("keep me\n")
+    proc = run_cli("translate", "-m", str(trained_model), "--attention-plot", str(plot), input="zuza.\n")
+    assert_one_line_error(proc, f"--attention-plot takes a folder (one picture per line); {plot} is a file")
+    assert proc.stdout == "" and plot.read_text() == "keep me\n"

@@ -232,12 +232,12 @@ def first_line_model(tmp_path_factory):
 
 
 def test_cli_acrostic_poem_heads_lengths_and_tones(first_line_model, couplet_model):
-    heads = ["天江秋南", "江右", "古"]
+    heads = ["天江秋南", "江右", "", "古"]  # a blank line: an empty poem in its place
     proc = run_cli("poem", "--first", str(first_line_model), "--next", str(couplet_model), "--chars", "5",
                    "--format", "json", "--set", "decoding.mirror_repeats=true", input="\n".join(heads) + "\n",
                    check=True)
     poems = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [p["heads"] for p in poems] == heads
+    assert [p["heads"] for p in poems] == heads and poems[2]["lines"] == []
     for p in poems:
         assert [line[0] for line in p["lines"]] == list(p["heads"])
         assert all(len(line) == 5 for line in p["lines"])
