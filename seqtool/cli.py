@@ -757,12 +757,15 @@ def main() -> None:
 
 def _leave_as_rank(code: int | str | None) -> None:
     """End a rank of a torchrun job (`seqtool train --nproc N` starts such ranks) with `code`, skipping the
-    interpreter's teardown. DistributedDataParallel keeps gloo's process group alive after
-    destroy_process_group (pytorch#109478), so its threads still run while the interpreter and the C++
-    runtime tear down, and now and then that aborts the process ("terminate called without an active
-    exception", 1 exit in 100 of a two-rank DDP script on a 2-core EPYC) after its work was saved, and the
-    launcher reports the job failed. Everything a rank writes is closed by now; only stdout and stderr
-    may hold text."""
+    interpreter's finalization. gloo's worker threads outlive destroy_process_group (DistributedDataParallel
+    keeps the process group alive, pytorch#109478) and free each finished exchange's tensors themselves; one
+    that does so while the interpreter finalizes cannot take the GIL, and the process aborts after its work
+    was saved ("terminate called without an active exception"; a core dump shows ProcessGroupGloo::runLoop ->
+    ~AsyncBroadcastWork -> THPVariable_dealloc -> take_gil -> pthread_exit). The launcher then reported the
+    job failed: 1 run in 100 of a bare two-rank DDP script on a 2-core EPYC. Everything a rank writes is
+    closed by now; only stdout and stderr may hold text."""
+    if code is not None and not isinstance(code, int):  # sys.exit("why"): printed, exit 1, as Python does
+        print(code, file=sys.stderr)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

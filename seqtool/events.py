@@ -34,6 +34,9 @@ class Events:
                 self.writer.add_scalar(tag(key), value, record["step"])
         self.writer.flush()
 
+    def close(self) -> None:
+        self.writer.close()
+
 
 def tag(key: str) -> str:
     """metrics.jsonl's train_loss, valid_bleu ... as TensorBoard groups them: train/loss, valid/bleu."""

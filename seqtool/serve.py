@@ -353,7 +353,10 @@ def _one_line(exc: ValidationError, within: str = "") -> str:
     errors = exc.errors()
     first = next((e for e in errors if not (e["loc"][-1:] == ("str",) and isinstance(e["input"], dict))), errors[0])
     where = ".".join(([within] if within else []) + [str(p) for p in first["loc"] if p not in ("str", "Line")])
-    return f"{where or 'body'}: {first['msg'].removeprefix('Value error, ')}"
+    message = first["msg"].removeprefix("Value error, ")
+    if within == "options":  # the checks are DecodingConfig's: a request names its options without "decoding."
+        message = message.replace("decoding.", "")
+    return f"{where or 'body'}: {message}"
 
 
 def check_port(host: str, port: int) -> None:

@@ -699,6 +699,8 @@ def run_training(cfg: Config, resume: bool = False, quiet: bool = False, verbose
         raise error_left(ranks) or lost_rank(cfg, trainer.progress.step if trainer else None) from None
     finally:
         reporter.close()
+        if trainer is not None and trainer.events is not None:
+            trainer.events.close()  # a rank ends without the interpreter's teardown (cli._leave_as_rank)
         shutdown(ranks)
     p = trainer.progress
     reporter.log(f"{reason}; step {p.step}, best {cfg.training.keep_best_by} {p.best} at step {p.best_step}; "

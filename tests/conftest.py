@@ -61,6 +61,7 @@ def _in_process(args: list[str], input: str | bytes | None, cwd: Path) -> subpro
     try:
         sys.argv, sys.stdin, sys.stdout, sys.stderr = ["seqtool", *args], stdin, streams["stdout"], streams["stderr"]
         os.chdir(cwd)
+        os.environ.pop("WORLD_SIZE", None)  # inherited from a torchrun job, main() would end this very process
         cli.main()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

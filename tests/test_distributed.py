@@ -74,10 +74,19 @@ def test_nproc_reports_user_errors_once(tmp_path):
 def test_a_rank_leaves_with_its_output_and_exit_code(trained_model, tmp_path):
     """A rank of a torchrun job ends without the interpreter's teardown (gloo's threads outlive the process group
     and now and then abort it there): what it printed still arrives, flushed, and its exit code is kept."""
-    rank = {"WORLD_SIZE": "2", "RANK": "1", "PYTHONUNBUFFERED": ""}  # stdout buffered, as a pipe's is by default
-    plain = run_cli("info", str(trained_model), "--json", check=True)
+    # An exit handler that leaves a mark: the interpreter's teardown ran.
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import atexit, os\natexit.register(lambda: open(os.environ['TEARDOWN_MARK'], 'w').close())\n")
+    mark = tmp_path / "teardown"
+    alone = {"PYTHONPATH": str(tmp_path / "site"), "TEARDOWN_MARK": str(mark), "PYTHONUNBUFFERED": ""}  # buffered
+    rank = {**alone, "WORLD_SIZE": "2", "RANK": "1"}
+    plain = run_cli("info", str(trained_model), "--json", env=alone)
+    assert plain.returncode == 0 and mark.exists()
+    mark.unlink()
     ranked = run_cli("info", str(trained_model), "--json", env=rank)
     assert ranked.returncode == 0 and ranked.stdout == plain.stdout and json.loads(ranked.stdout)
+    assert not mark.exists()
     missing = run_cli("info", str(tmp_path / "none"), env=rank)
     plain = run_cli("info", str(tmp_path / "none"))
     assert missing.returncode == plain.returncode == 1 and missing.stdout == ""

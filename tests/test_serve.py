@@ -385,7 +385,7 @@ def test_a_request_chooses_its_own_search_and_gets_the_clis_answers(server, trai
     assert len(weights[0]) == len(r.json()["translations"][0]["src_pieces"])
     for options, message in (({"beam_size": 99}, "options.beam_size"), ({"top_p": 2}, "options.top_p"),
                              ({"beams": 2}, "options.beams"),
-                             ({"sample": True, "nbest": 2}, "options: decoding.nbest 2 with decoding.sample")):
+                             ({"sample": True, "nbest": 2}, "options: nbest 2 with sample: sampling draws")):
         r = httpx.post(url + "/translate", json={"lines": lines, "options": options}, timeout=60)
         assert r.status_code == 400 and r.json()["error"].startswith(message), r.text
 
