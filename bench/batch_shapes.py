@@ -7,11 +7,13 @@ the table gives sentences/s and peak RSS with ratios against the first variant, 
 
     python bench/batch_shapes.py                          # bf16 where the CPU has it, then fp32
     python bench/batch_shapes.py --steps 100 --sentences 64 --precisions fp32
+    python bench/batch_shapes.py --heap kept,glibc        # freed memory kept (as the trainer does) or glibc's way
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -25,11 +27,13 @@ import torch
 from seqtool import train
 from seqtool.config import load_config
 from seqtool.data import encode_pairs, epoch_batches, make_batch, read_pairs
-from seqtool.device import pick_precision
+from seqtool.device import keep_freed_memory, pick_precision
 from seqtool.model.seq2seq import build_model
 from seqtool.tokenizer import Tokenizer
 
-config, tok_dir, precision, sentences, steps = sys.argv[1:6]
+config, tok_dir, precision, sentences, steps, heap = sys.argv[1:7]
+if heap == "kept":
+    keep_freed_memory()
 cfg = load_config(config)
 src_tok, tgt_tok = (Tokenizer.from_file(f"{tok_dir}/{side}.model") for side in ("src", "tgt"))
 src, tgt = read_pairs(cfg.data.train_src, cfg.data.train_tgt)
@@ -61,7 +65,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--sentences", type=int, default=64, help="sentences per batch of the fixed variant")
     ap.add_argument("--precisions", default="", help="comma-separated (default: bf16 where native, and fp32)")
+    ap.add_argument("--heap", default="kept", help="comma-separated: kept (freed memory kept for reuse, as the "
+                    "trainer does) and/or glibc (its default: large blocks mapped and unmapped each step)")
     args = ap.parse_args()
+    if not set(args.heap.split(",")) <= {"kept", "glibc"}:
+        ap.error(f"--heap takes kept and/or glibc, not {args.heap!r}")
     sys.path.insert(0, str(ROOT))
     from seqtool.config import load_config
     from seqtool.data import read_pairs
@@ -78,17 +86,18 @@ def main() -> None:
         for side, tok in zip(("src", "tgt"), build_tokenizers(cfg, *pairs)):
             (tok_dir / f"{side}.model").write_bytes(tok.model_bytes)
     print(f"{args.config.name}, {args.steps} steps from the same start, one process each\n")
-    print("| precision | batches | sentences/s | peak RSS | vs token budget: speed, RSS |\n|---|---|---:|---:|---|")
+    print("| precision | heap | batches | sentences/s | peak RSS | vs the first row of its precision: speed, RSS |\n"
+          "|---|---|---|---:|---:|---|")
     for precision in precisions:
         base = None
-        for label, sentences in ((f"{cfg.training.batch_tokens} tokens", 0), (f"{args.sentences} sentences",
-                                                                              args.sentences)):
-            argv = [str(args.config), str(tok_dir), precision, str(sentences), str(args.steps)]
+        for heap, (label, sentences) in itertools.product(args.heap.split(","), (
+                (f"{cfg.training.batch_tokens} tokens", 0), (f"{args.sentences} sentences", args.sentences))):
+            argv = [str(args.config), str(tok_dir), precision, str(sentences), str(args.steps), heap]
             out = subprocess.run([sys.executable, "-c", WORKER, *argv], cwd=ROOT, check=True, capture_output=True,
                                  text=True).stdout
             r = json.loads(out.splitlines()[-1])
             base = base or r
-            print(f"| {precision} | {label} | {r['sent_s']:.1f} | {r['rss_mb']:,.0f} MB | "
+            print(f"| {precision} | {heap} | {label} | {r['sent_s']:.1f} | {r['rss_mb']:,.0f} MB | "
                   f"{r['sent_s'] / base['sent_s']:.2f}x, {r['rss_mb'] / base['rss_mb']:.2f}x |", flush=True)
 
 

@@ -34,7 +34,7 @@ from seqtool.checkpoint import (
 )
 from seqtool.config import Config, TrainingConfig, dump_config
 from seqtool.data import Examples, encode_pairs, epoch_batches, make_batch, read_pairs
-from seqtool.device import FP32_CPU, Precision, pick_device, pick_precision, release_freed_memory
+from seqtool.device import FP32_CPU, Precision, keep_freed_memory, pick_device, pick_precision, release_freed_memory
 from seqtool.distributed import (
     Ranks,
     all_reduce,
@@ -552,6 +552,7 @@ def prepare(cfg: Config, reporter: Reporter, resume: bool, ranks: Ranks = Ranks(
     torch.manual_seed(cfg.training.seed)
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
+    keep_freed_memory()  # each step reuses the last one's blocks instead of faulting in fresh pages
 
     d = cfg.data
     assert d.train_src is not None and d.train_tgt is not None  # check_before_start checked them

@@ -3,7 +3,10 @@ mixed-precision training paths (bf16 weight copies, autocast, fp16 loss scaling)
 
 from __future__ import annotations
 
+import ctypes
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,6 +73,47 @@ def test_cpu_flags_are_read_not_assumed():
     assert isinstance(flags, frozenset) and all(f == f.strip() and f for f in flags)
     if Path("/proc/cpuinfo").exists():
         assert flags, "a Linux CPU lists its flags"
+
+
+# A 24 MB block, freed, as a process sees it: where glibc put it (mmap or heap) and what it keeps after the free.
+HEAP_PROBE = r"""
+import ctypes, sys
+from seqtool.device import keep_freed_memory
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype, libc.malloc.restype = Info, ctypes.c_void_p
+libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]
+if sys.argv[1] == "kept":
+    keep_freed_memory()
+block = libc.malloc(24 << 20)
+mapped = libc.mallinfo2().hblkhd
+libc.free(block)
+print(mapped, libc.mallinfo2().fordblks)
+"""
+
+
+def _mallinfo2() -> bool:
+    try:
+        return hasattr(ctypes.CDLL(None), "mallinfo2")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _mallinfo2(), reason="needs glibc 2.33 or later (mallinfo2) to see where a block went")
+def test_training_keeps_freed_blocks_for_the_next_step():
+    """The training process keeps a freed 24 MB block in its heap for reuse, where glibc alone maps it and
+    gives it back (so the next step faults in fresh pages)."""
+    def probe(mode: str) -> tuple[int, int]:
+        out = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], check=True, capture_output=True, text=True)
+        mapped, free_in_heap = map(int, out.stdout.split())
+        return mapped, free_in_heap
+
+    mapped, free_in_heap = probe("default")
+    assert mapped >= 24 << 20 and free_in_heap < 24 << 20  # the control: glibc's own choice maps and returns it
+    mapped_kept, free_in_heap = probe("kept")
+    assert mapped_kept < 24 << 20 and free_in_heap >= 24 << 20
 
 
 @pytest.mark.skipif(device_mod.cpu_bf16_flag() is None, reason="this CPU has no native bf16: auto trains in fp32, "
