@@ -27,13 +27,16 @@ import torch
 from seqtool import train
 from seqtool.config import load_config
 from seqtool.data import encode_pairs, epoch_batches, make_batch, read_pairs
-from seqtool.device import keep_freed_memory, pick_precision
+from seqtool.device import keep_freed_memory, limit_kernel_caches, pick_precision
 from seqtool.model.seq2seq import build_model
 from seqtool.tokenizer import Tokenizer
 
 config, tok_dir, precision, sentences, steps, heap = sys.argv[1:7]
 if heap == "kept":
     keep_freed_memory()
+prec = pick_precision(torch.device("cpu"), precision)
+if prec.cast_weights:
+    limit_kernel_caches()  # as the trainer does
 cfg = load_config(config)
 src_tok, tgt_tok = (Tokenizer.from_file(f"{tok_dir}/{side}.model") for side in ("src", "tgt"))
 src, tgt = read_pairs(cfg.data.train_src, cfg.data.train_tgt)
@@ -41,7 +44,6 @@ ex = encode_pairs(src, tgt, src_tok, tgt_tok, cfg.data.max_src_len, cfg.data.max
 torch.manual_seed(1)
 model = build_model(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size).train()
 opt = train.make_optimizer(model, cfg.training.lr)
-prec = pick_precision(torch.device("cpu"), precision)
 batches = epoch_batches(ex, cfg.training.batch_tokens, seed=1, sentences=int(sentences))[: int(steps)]
 sents, start = 0, time.perf_counter()
 for idx in batches:

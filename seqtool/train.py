@@ -34,7 +34,15 @@ from seqtool.checkpoint import (
 )
 from seqtool.config import Config, TrainingConfig, dump_config
 from seqtool.data import Examples, encode_pairs, epoch_batches, make_batch, read_pairs
-from seqtool.device import FP32_CPU, Precision, keep_freed_memory, pick_device, pick_precision, release_freed_memory
+from seqtool.device import (
+    FP32_CPU,
+    Precision,
+    keep_freed_memory,
+    limit_kernel_caches,
+    pick_device,
+    pick_precision,
+    release_freed_memory,
+)
 from seqtool.distributed import (
     Ranks,
     all_reduce,
@@ -674,6 +682,8 @@ def run_training(cfg: Config, resume: bool = False, quiet: bool = False, verbose
     """Train on one process, or on each of the ranks torchrun started (then rank 0 alone reports)."""
     device = pick_device(cfg.training.device)
     precision = pick_precision(device, cfg.training.precision)  # before any process starts: errors once
+    if precision.cast_weights:
+        limit_kernel_caches()  # bf16 on the CPU: a kernel per matrix shape; before the first product
     ranks = init_from_env(cuda=device.type == "cuda")
     precision = replace(precision, device=rank_device(device, ranks))
     reporter = Reporter(quiet=quiet or not ranks.main, verbose=verbose)
