@@ -3,7 +3,6 @@ mixed-precision training paths (bf16 weight copies, autocast, fp16 loss scaling)
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import subprocess
@@ -95,14 +94,8 @@ print(mapped, libc.mallinfo2().fordblks)
 """
 
 
-def _mallinfo2() -> bool:
-    try:
-        return hasattr(ctypes.CDLL(None), "mallinfo2")
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _mallinfo2(), reason="needs glibc 2.33 or later (mallinfo2) to see where a block went")
+@pytest.mark.skipif(device_mod._libc("mallinfo2") is None,
+                    reason="needs glibc 2.33 or later (mallinfo2) to see where a block went")
 def test_training_keeps_freed_blocks_for_the_next_step():
     """The training process keeps a freed 24 MB block in its heap for reuse, where glibc alone maps it and
     gives it back (so the next step faults in fresh pages)."""
