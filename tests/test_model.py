@@ -8,6 +8,8 @@ import torch
 from seqtool.config import ModelConfig, validate
 from seqtool.data import make_batch
 from seqtool.errors import ConfigError
+from seqtool.model import decoder as decoder_mod
+from seqtool.model.attention import _AdditiveScores
 from seqtool.model.decoder import pooled
 from seqtool.model.dropout import Dropout
 from seqtool.model.encoder import RNN_CELLS
@@ -250,3 +252,44 @@ def test_dropout_zeroes_a_fraction_p_scales_the_rest_and_passes_through_in_eval(
     y.sum().backward()  # the gradient flows through the kept values only, with the same scale
     torch.testing.assert_close(x.grad, kept.float() / 0.7)
     assert drop.eval()(x) is x and Dropout(0.0)(x) is x
+
+
+def test_recomputed_additive_scores_have_the_exact_gradients():
+    keys, q = torch.randn(3, 1, 5, 4, dtype=torch.double), torch.randn(3, 2, 1, 4, dtype=torch.double)
+    v = torch.randn(1, 4, dtype=torch.double)
+    inputs = tuple(x.requires_grad_() for x in (keys, q, v))
+    assert torch.autograd.gradcheck(_AdditiveScores.apply, inputs)
+    for k in (keys, keys.expand(-1, 2, -1, -1)):  # one key row for all T queries, and one each
+        expected = 2.0 * torch.nn.functional.linear(torch.sigmoid(k + 2.0 * q), v).squeeze(-1)
+        torch.testing.assert_close(_AdditiveScores.apply(k, q, v), expected)
+
+
+def _saved_bytes(model, batch) -> tuple[int, dict[str, torch.Tensor]]:
+    """Bytes the forward pass keeps for the backward pass (each stored tensor once), and the gradients."""
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out)
+    loss.backward()
+    return sum(saved.values()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", [("attention", "bahdanau", False), ("attention", "luong_concat", True)])
+def test_long_batches_recompute_attention_instead_of_keeping_it_and_learn_the_same(mode, monkeypatch):
+    model = tiny("gru", *mode).train()
+    batch = make_batch([list(range(4, 24))] * 8, [list(range(4, 20))] * 8)  # 8 x 17 steps x 20 keys
+    kept, grads = _saved_bytes(model, batch)
+    monkeypatch.setattr(decoder_mod, "KEPT_FOR_BACKWARD", 0)  # every batch is "long"
+    recomputed, regrads = _saved_bytes(model, batch)
+    # The (B, T, S, Q) sigmoid over all 17 steps, in fp32, is no longer kept; the keys (B, S, Q) and the
+    # queries (B, T, Q) are, instead.
+    hidden, keys, queries = (4 * 8 * n * 16 for n in (17 * 20, 20, 17))
+    assert kept - recomputed == hidden - keys - queries
+    assert regrads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(regrads[name], grad, rtol=1e-5, atol=1e-6, msg=name)

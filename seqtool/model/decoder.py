@@ -55,6 +55,7 @@ class DecoderState:
     src: Optional[torch.Tensor] = None  # (B, S) source ids, kept for copying
     allowed: Optional[torch.Tensor] = None  # (B, V) the output tokens each sentence may take (a shortlist's)
     group: int = 1  # rows per sentence
+    recompute: bool = False  # attention keeps no (rows, S, Q) tensor for the backward pass (Decoder.forward)
 
     def grouped(self, group: int) -> DecoderState:
         """Each sentence's row repeated `group` times; the source side is not copied (beams share it)."""
@@ -117,6 +118,9 @@ def mode_of(context: str, attention: str, input_feeding: bool) -> Mode:
     mode = MODES[attention if context == "attention" else context]
     assert not input_feeding or mode.context == "after"  # ModelConfig allows input feeding for luong_* only
     return replace(mode, rnn_reads=(*mode.rnn_reads, "feed")) if input_feeding else mode
+
+
+KEPT_FOR_BACKWARD = 96 << 20  # bytes of additive-attention activations a batch keeps; more are recomputed
 
 
 class Decoder(nn.Module):
@@ -186,7 +190,7 @@ class Decoder(nn.Module):
         """Attention for query rows (B * group, Q), or all steps (B, T, Q) when group is 1: a sentence's rows are
         its "time" axis, so its encoder states serve them all without copies -> context and weights, per row."""
         if state.group == 1:
-            return self.attention(query, state.keys, state.states, state.mask)
+            return self.attention(query, state.keys, state.states, state.mask, state.recompute)
         ctx, weights = self.attention(query.view(-1, state.group, query.size(-1)), state.keys, state.states, state.mask)
         return ctx.flatten(0, 1), weights.flatten(0, 1)
 
@@ -238,6 +242,14 @@ class Decoder(nn.Module):
     def forward(self, tgt_in: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Teacher-forced features for a whole target (B, T) -> (B, T, O), and the attention weights
         (B, T, S) with context attention, else None."""
+        if self.mode.score == "additive" and torch.is_grad_enabled():
+            # Additive attention keeps a (B, S, Q) tensor per target step for the backward pass: on the longest
+            # 256-sentence Multi30k batch (48 x 36 tokens) 453 MB in bf16, most of a step's peak memory. Beyond
+            # KEPT_FOR_BACKWARD it is recomputed in the backward pass instead, which made bf16 training 7% slower
+            # when done for every batch, so short batches keep it (docs/performance.md).
+            assert state.keys is not None  # init_state projects keys for every attention mode
+            kept = tgt_in.numel() * state.keys.shape[1:].numel() * state.keys.element_size()
+            state = replace(state, recompute=kept > KEPT_FOR_BACKWARD)
         if self.input_feeding:  # each step reads the last one's features: step by step
             outs, weights = [], []
             for t in range(tgt_in.size(1)):
