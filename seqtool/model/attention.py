@@ -6,6 +6,11 @@ import torch
 from torch import nn
 
 
+def _additive_hidden(keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """sigmoid(keys + 2 q), broadcast to (B, T, S, Q): one temporary, sigmoid in place."""
+    return torch.add(keys, q, alpha=2.0).sigmoid_()
+
+
 class _AdditiveScores(torch.autograd.Function):
     """2 v.sigmoid(keys + 2 q) for keys (B, 1, S, Q) and queries (B, T, 1, Q) -> (B, T, S), without keeping the
     (B, T, S, Q) sigmoid for the backward pass: it is recomputed there from keys and queries, which costs an add
@@ -14,16 +19,18 @@ class _AdditiveScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, keys: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(keys, q, v)
-        return 2.0 * (torch.add(keys, q, alpha=2.0).sigmoid_() @ v.t()).squeeze(-1)
+        return 2.0 * (_additive_hidden(keys, q) @ v.t()).squeeze(-1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         keys, q, v = ctx.saved_tensors
-        hidden = torch.add(keys, q, alpha=2.0).sigmoid_()
+        hidden = _additive_hidden(keys, q)
         grad = 2.0 * grad.unsqueeze(-1)  # (B, T, S, 1)
         grad_v = (grad.flatten(0, 2).t() @ hidden.flatten(0, 2)) if ctx.needs_input_grad[2] else None
         grad_x = torch.ops.aten.sigmoid_backward(grad * v, hidden)  # d/dx of sigmoid(x), x = keys + 2 q
-        grad_keys = grad_x if keys.size(1) == grad_x.size(1) else grad_x.sum(1, keepdim=True)  # no copy for T = 1
+        grad_keys = None
+        if ctx.needs_input_grad[0]:
+            grad_keys = grad_x if keys.size(1) == grad_x.size(1) else grad_x.sum(1, keepdim=True)  # no copy for T = 1
         grad_q = 2.0 * grad_x.sum(2, keepdim=True) if ctx.needs_input_grad[1] else None
         return grad_keys, grad_q, grad_v
 
@@ -68,7 +75,7 @@ class Attention(nn.Module):
             if recompute:
                 scores = _AdditiveScores.apply(k, q, self.v.weight)
             else:
-                scores = 2.0 * self.v(torch.add(k, q, alpha=2.0).sigmoid_()).squeeze(-1)
+                scores = 2.0 * self.v(_additive_hidden(k, q)).squeeze(-1)
         else:
             scores = torch.bmm(q, keys.transpose(1, 2))  # (B, T, S)
         scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
